@@ -1,0 +1,346 @@
+"""Inbound and outbound listeners: the policy around each proxied connection.
+
+Inbound: accept, terminate TLS (client certificate required), check ``allow``, and only then dial
+``forward``. Outbound: accept the app's plaintext without reading it, dial ``upstream``, handshake,
+check ``server_identity`` (or the host name), and only then let the app's bytes through.
+Every connection is counted and logged exactly once, when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable
+
+from . import tlserrors
+from .config import Address, Inbound, Limits, Outbound
+from .identity import PeerIdentity, from_peercert, is_allowed
+from .logs import ACCESS, event
+from .metrics import ListenerMetrics
+from .pump import Connection, Leg, peer_address, ssl_error_text
+from .tls import TLSStore
+
+log = logging.getLogger("sidecar.listener")
+
+
+class Listener:
+    """A listening socket and the connections it accepted."""
+
+    direction = ""
+
+    def __init__(self, name: str, listen: Address, store: TLSStore, limits: Limits, metrics: ListenerMetrics) -> None:
+        self.name = name
+        self.listen = listen
+        self.store = store
+        self.limits = limits
+        self.metrics = metrics
+        self.active: set[ProxyConnection] = set()
+        self.server: asyncio.Server | None = None
+        self.on_closed: Callable[[], None] = lambda: None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host = self.listen.host or None
+        self.server = await loop.create_server(
+            self._accept, host, self.listen.port, reuse_address=True, backlog=4096, start_serving=True
+        )
+
+    @property
+    def bound(self) -> Address | None:
+        if self.server is None or not self.server.sockets:
+            return None
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return Address(host, port)
+
+    def stop_accepting(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    def _accept(self) -> asyncio.Protocol:
+        loop = asyncio.get_running_loop()
+        if len(self.active) >= self.limits.max_connections:
+            return _Refuse(self, loop)
+        conn = self.new_connection(loop)
+        self.active.add(conn)
+        assert conn.down is not None
+        return conn.down
+
+    def new_connection(self, loop: asyncio.AbstractEventLoop) -> ProxyConnection:
+        raise NotImplementedError
+
+    def tick(self, now: float) -> None:
+        for conn in list(self.active):
+            conn.tick(now)
+
+
+class InboundListener(Listener):
+    direction = "inbound"
+
+    def __init__(self, spec: Inbound, store: TLSStore, limits: Limits, metrics: ListenerMetrics) -> None:
+        super().__init__(spec.name, spec.listen, store, limits, metrics)
+        self.spec = spec
+
+    def new_connection(self, loop: asyncio.AbstractEventLoop) -> ProxyConnection:
+        return InboundConnection(self, loop)
+
+
+class OutboundListener(Listener):
+    direction = "outbound"
+
+    def __init__(self, spec: Outbound, store: TLSStore, limits: Limits, metrics: ListenerMetrics) -> None:
+        super().__init__(spec.name, spec.listen, store, limits, metrics)
+        self.spec = spec
+
+    def new_connection(self, loop: asyncio.AbstractEventLoop) -> ProxyConnection:
+        return OutboundConnection(self, loop)
+
+
+class _Refuse(asyncio.Protocol):
+    """Over ``max_connections``: close at once, count, log."""
+
+    def __init__(self, listener: Listener, loop: asyncio.AbstractEventLoop) -> None:
+        self.listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        client = peer_address(transport)
+        transport.abort()  # type: ignore[attr-defined]
+        self.listener.metrics.ended("limit")
+        event(
+            ACCESS,
+            logging.INFO,
+            "connection",
+            listener=self.listener.name,
+            direction=self.listener.direction,
+            client=client,
+            peer_identity=None,
+            outcome="limit",
+            reason="max_connections",
+            bytes_to_upstream=0,
+            bytes_to_downstream=0,
+            duration_ms=0.0,
+            tls_version=None,
+            cipher=None,
+        )
+
+
+class ProxyConnection(Connection):
+    """What inbound and outbound connections share: timers, counting, the access record."""
+
+    def __init__(self, listener: Listener, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.listener = listener
+        self.limits = listener.limits
+        self.metrics = listener.metrics
+        self.peer: PeerIdentity | None = None
+        self.tls_version: str | None = None
+        self.cipher: str | None = None
+        self.client = "-"
+        self._timer: asyncio.TimerHandle | None = None
+        self._dial_task: asyncio.Task[None] | None = None
+        self._handshake_started = 0.0
+        self._flushed = (0, 0)
+        self._last_counts = (0, 0)
+        self._idle_since = loop.time()
+        self.metrics.active.inc()
+
+    # -- shared steps ------------------------------------------------------------------------
+
+    def arm_handshake_timer(self) -> None:
+        self._handshake_started = time.perf_counter()
+        self._timer = self.loop.call_later(self.limits.handshake_timeout, self._handshake_timed_out)
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        self.metrics.handshake_failed("timeout")
+        self.finish("timeout", "handshake_timeout", abort=True)
+
+    def handshake_finished(self, leg: Leg) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.metrics.handshake_seconds.observe(time.perf_counter() - self._handshake_started)
+        assert leg.tls is not None
+        self.tls_version = leg.tls.version()
+        cipher = leg.tls.cipher()
+        self.cipher = cipher[0] if cipher else None
+        self.peer = from_peercert(leg.tls.getpeercert())
+
+    def dial(self, target: Address, make_leg: Callable[[], Leg]) -> None:
+        self._dial_task = self.loop.create_task(self._dial(target, make_leg))
+
+    async def _dial(self, target: Address, make_leg: Callable[[], Leg]) -> None:
+        started = time.perf_counter()
+        try:
+            await asyncio.wait_for(
+                self.loop.create_connection(make_leg, target.host, target.port), self.limits.connect_timeout
+            )
+        except TimeoutError:
+            self.finish("upstream_error", f"connect to {target} timed out")
+            return
+        except OSError as exc:
+            self.finish("upstream_error", f"connect to {target}: {exc.strerror or exc}")
+            return
+        finally:
+            self._dial_task = None
+        self.metrics.upstream_connect_seconds.observe(time.perf_counter() - started)
+
+    def leg_failed(self, leg: Leg, exc: BaseException) -> None:
+        if self.closing:
+            return
+        if not leg.handshake_done:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.metrics.handshake_failed(tlserrors.classify(exc))
+            self.finish("tls_error", ssl_error_text(exc), abort=True)
+        else:
+            self.finish("tls_error" if isinstance(exc, ssl.SSLError) else "ok", ssl_error_text(exc), abort=True)
+
+    def refuse(self, outcome: str, reason: str, leg: Leg) -> None:
+        """Close a leg whose peer is not allowed: close_notify, then close; nothing is forwarded."""
+        leg.send_eof()
+        self.finish(outcome, reason)
+
+    def cancel_pending(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._dial_task is not None:
+            self._dial_task.cancel()
+            self._dial_task = None
+
+    def tick(self, now: float) -> None:
+        """Periodic: publish byte counts, enforce ``idle_timeout``."""
+        self._flush_bytes()
+        counts = (self.bytes_to_upstream, self.bytes_to_downstream)
+        if counts != self._last_counts:
+            self._last_counts = counts
+            self._idle_since = now
+        elif (
+            self.streaming
+            and self.limits.idle_timeout > 0
+            and now - self._idle_since >= self.limits.idle_timeout
+            and not self.closing
+        ):
+            self.finish("timeout", "idle_timeout")
+
+    def _flush_bytes(self) -> None:
+        up, down = self.bytes_to_upstream, self.bytes_to_downstream
+        if up != self._flushed[0]:
+            self.metrics.to_upstream.inc(up - self._flushed[0])
+        if down != self._flushed[1]:
+            self.metrics.to_downstream.inc(down - self._flushed[1])
+        self._flushed = (up, down)
+
+    def ended(self) -> None:
+        self.listener.active.discard(self)
+        self.listener.on_closed()
+        self._flush_bytes()
+        outcome = self.outcome or "ok"
+        duration = time.perf_counter() - self.started
+        self.metrics.active.dec()
+        self.metrics.ended(outcome)
+        self.metrics.duration.observe(duration)
+        level = logging.INFO if outcome == "ok" else logging.WARNING
+        event(
+            ACCESS,
+            level,
+            "connection",
+            listener=self.listener.name,
+            direction=self.listener.direction,
+            client=self.client,
+            peer_identity=self.peer.describe() if self.peer else None,
+            outcome=outcome,
+            reason=self.reason,
+            bytes_to_upstream=self.bytes_to_upstream,
+            bytes_to_downstream=self.bytes_to_downstream,
+            duration_ms=round(duration * 1000, 3),
+            tls_version=self.tls_version,
+            cipher=self.cipher,
+        )
+
+
+class InboundConnection(ProxyConnection):
+    """mTLS in from a peer, plaintext out to ``forward``."""
+
+    def __init__(self, listener: InboundListener, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(listener, loop)
+        self.spec = listener.spec
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        sslobj = listener.store.material.server_ctx.wrap_bio(incoming, outgoing, server_side=True)
+        self.down = Leg(self, tls=sslobj, incoming=incoming, outgoing=outgoing)
+
+    def leg_connected(self, leg: Leg) -> None:
+        if leg is self.down:
+            self.client = peer_address(leg.transport)
+            self.arm_handshake_timer()
+        else:
+            self.start_streaming()
+
+    def leg_handshake(self, leg: Leg) -> None:
+        self.handshake_finished(leg)
+        assert self.peer is not None
+        if not is_allowed(self.peer, self.spec.allow):
+            self.refuse("denied", f"identity {self.peer.describe()} is not in allow", leg)
+            return
+        self.up = Leg(self)
+        up = self.up
+        self.dial(self.spec.forward, lambda: up)
+
+    def on_lost_before_streaming(self, leg: Leg, exc: Exception | None) -> None:
+        if leg is self.down and not leg.handshake_done:
+            self.metrics.handshake_failed("eof")
+            self.finish("tls_error", "closed during handshake")
+        else:
+            self.finish("ok" if leg is self.down else "upstream_error", "closed before streaming")
+
+
+class OutboundConnection(ProxyConnection):
+    """Plaintext in from the local app, mTLS out to ``upstream``."""
+
+    def __init__(self, listener: OutboundListener, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(listener, loop)
+        self.spec = listener.spec
+        self.down = Leg(self)
+        spec = self.spec
+        ctx = listener.store.material.client_ctx(verify_hostname=spec.server_identity is None)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        server_hostname = spec.sni or (None if _is_ip(spec.upstream.host) else spec.upstream.host)
+        sslobj = ctx.wrap_bio(incoming, outgoing, server_side=False, server_hostname=server_hostname)
+        self.up = Leg(self, tls=sslobj, incoming=incoming, outgoing=outgoing)
+
+    def leg_connected(self, leg: Leg) -> None:
+        if leg is self.down:
+            self.client = peer_address(leg.transport)
+            up = self.up
+            assert up is not None
+            self.dial(self.spec.upstream, lambda: up)
+        else:
+            self.arm_handshake_timer()
+
+    def leg_handshake(self, leg: Leg) -> None:
+        self.handshake_finished(leg)
+        assert self.peer is not None
+        patterns = self.spec.server_identity
+        if patterns is not None and not is_allowed(self.peer, patterns):
+            self.refuse("denied", f"upstream identity {self.peer.describe()} is not in server_identity", leg)
+            return
+        self.start_streaming()
+
+    def on_lost_before_streaming(self, leg: Leg, exc: Exception | None) -> None:
+        if leg is self.up and not leg.handshake_done:
+            self.metrics.handshake_failed("eof")
+            self.finish("upstream_error", "upstream closed during handshake")
+        else:
+            self.finish("ok", "client closed before streaming")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True

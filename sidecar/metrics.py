@@ -1,0 +1,99 @@
+"""The Prometheus metric objects (contract section 5), created once per process and passed in.
+
+Names and labels here are part of the contract. Listeners bind their label values once
+(``ListenerMetrics``) so the data path never builds a label dict per connection or per chunk.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.connections = Counter(
+            "sidecar_connections_total",
+            "Connections handled, counted when they end, by outcome.",
+            ["listener", "direction", "outcome"],
+            registry=r,
+        )
+        self.active = Gauge(
+            "sidecar_active_connections", "Connections open now.", ["listener", "direction"], registry=r
+        )
+        self.bytes = Counter(
+            "sidecar_bytes_total",
+            "Plaintext bytes proxied; to_upstream flows from the connecting side toward the target.",
+            ["listener", "flow"],
+            registry=r,
+        )
+        self.handshake_seconds = Histogram(
+            "sidecar_handshake_seconds",
+            "Duration of successful TLS handshakes (from accept or connect to handshake completion).",
+            ["listener"],
+            buckets=HANDSHAKE_BUCKETS,
+            registry=r,
+        )
+        self.handshake_failures = Counter(
+            "sidecar_handshake_failures_total",
+            "TLS handshakes that failed, by reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.cert_expiry = Gauge(
+            "sidecar_cert_expiry_timestamp_seconds",
+            "Expiry (not_after) of the loaded certificate, as a Unix timestamp.",
+            ["cert"],
+            registry=r,
+        )
+        self.cert_reloads = Counter(
+            "sidecar_cert_reloads_total", "Certificate reload attempts by result.", ["result"], registry=r
+        )
+        self.upstream_connect_seconds = Histogram(
+            "sidecar_upstream_connect_seconds",
+            "Time to open the TCP connection to the upstream or forward address.",
+            ["listener"],
+            buckets=HANDSHAKE_BUCKETS,
+            registry=r,
+        )
+        self.connection_duration_seconds = Histogram(
+            "sidecar_connection_duration_seconds",
+            "Lifetime of connections, from accept to close.",
+            ["listener", "direction"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        for result in ("ok", "error"):
+            self.cert_reloads.labels(result=result)
+
+    def for_listener(self, name: str, direction: str) -> ListenerMetrics:
+        return ListenerMetrics(self, name, direction)
+
+
+class ListenerMetrics:
+    """One listener's label-bound metric children."""
+
+    def __init__(self, m: Metrics, name: str, direction: str) -> None:
+        self._m = m
+        self.name = name
+        self.direction = direction
+        self.active = m.active.labels(listener=name, direction=direction)
+        self.to_upstream = m.bytes.labels(listener=name, flow="to_upstream")
+        self.to_downstream = m.bytes.labels(listener=name, flow="to_downstream")
+        self.handshake_seconds = m.handshake_seconds.labels(listener=name)
+        self.upstream_connect_seconds = m.upstream_connect_seconds.labels(listener=name)
+        self.duration = m.connection_duration_seconds.labels(listener=name, direction=direction)
+        self._outcomes = {
+            outcome: m.connections.labels(listener=name, direction=direction, outcome=outcome)
+            for outcome in ("ok", "denied", "tls_error", "upstream_error", "timeout", "limit")
+        }
+
+    def ended(self, outcome: str) -> None:
+        self._outcomes[outcome].inc()
+
+    def handshake_failed(self, reason: str) -> None:
+        self._m.handshake_failures.labels(listener=self.name, reason=reason).inc()

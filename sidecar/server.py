@@ -1,0 +1,235 @@
+"""The running sidecar: start, serve, reload, drain.
+
+Start order: load TLS material (a failure is fatal), bind every listener (a failure is fatal and
+names the listener), start the periodic ticker, log ``ready``. Shutdown order: stop accepting on
+every listener, let open connections finish for up to ``drain_timeout``, close what is left, log
+how many were cut. Every task started here is owned here and cancelled on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+
+from . import openssl_conf_in_effect
+from .config import Config
+from .errors import CertificateError, SidecarError
+from .listeners import InboundListener, Listener, OutboundListener
+from .logs import event
+from .metrics import Metrics
+from .tls import Material, TLSStore
+
+log = logging.getLogger("sidecar")
+TICK_SECONDS = 1.0
+
+
+class Sidecar:
+    def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.store = TLSStore(cfg.tls, on_reload=self._count_reload)
+        self.store.listeners.append(self._on_material)
+        self.listeners: list[Listener] = []
+        for spec in cfg.inbound:
+            metrics_i = self.metrics.for_listener(spec.name, "inbound")
+            self.listeners.append(InboundListener(spec, self.store, cfg.limits, metrics_i))
+        for spec_o in cfg.outbound:
+            metrics_o = self.metrics.for_listener(spec_o.name, "outbound")
+            self.listeners.append(OutboundListener(spec_o, self.store, cfg.limits, metrics_o))
+        self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.started = False
+        self.draining = False
+        self._forced = False
+        self._closed = asyncio.Event()  # set whenever a connection ends
+        for listener in self.listeners:
+            listener.on_closed = self._connection_closed
+        # Extra services start after the TLS material loads and before listeners bind (so /readyz
+        # can say "not bound yet"), and stop after the drain.
+        self.services: list[tuple[Callable[[], Awaitable[None]], Callable[[], Awaitable[None]]]] = []
+        if cfg.admin is not None:
+            from .admin import AdminServer
+
+            admin = AdminServer(self, cfg.admin.listen)
+            self.services.append((admin.start, admin.stop))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if not openssl_conf_in_effect():
+            event(
+                log,
+                logging.WARNING,
+                "the sidecar's OpenSSL settings are not in effect "
+                "(OPENSSL_CONF set by the operator, or ssl imported first): TLS 1.3 groups are OpenSSL's defaults",
+            )
+        await self.store.load()
+        for start, _stop in self.services:
+            await start()
+        counters = {"inbound": 0, "outbound": 0}
+        for listener in self.listeners:
+            index = counters[listener.direction]
+            counters[listener.direction] += 1
+            try:
+                await listener.start()
+            except OSError as exc:
+                where = f"{listener.direction}[{index}].listen"
+                raise SidecarError(f"{where}: cannot listen on {listener.listen}: {exc.strerror or exc}") from None
+        self._spawn(self._ticker())
+        self.started = True
+        ident = self.store.material.identity
+        event(
+            log,
+            logging.INFO,
+            "ready",
+            identity=ident.summary(),
+            listeners={lst.name: str(lst.bound) for lst in self.listeners},
+        )
+
+    async def run(self) -> None:
+        """Start, serve until asked to stop, drain."""
+        loop = asyncio.get_running_loop()
+        try:
+            await self.start()
+        except BaseException:
+            await self.close_listeners_and_services()
+            raise
+        with _signals(loop, self.request_stop, self.force_stop, self.request_reload):
+            await self._stop.wait()
+            await self.drain()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def force_stop(self) -> None:
+        """A second SIGINT: stop waiting for open connections."""
+        self._forced = True
+        self._stop.set()
+        self._closed.set()
+
+    async def _all_closed(self) -> None:
+        while self.active_connections() and not self._forced:
+            self._closed.clear()
+            await self._closed.wait()
+
+    def _connection_closed(self) -> None:
+        self._closed.set()
+
+    def request_reload(self) -> None:
+        self._spawn(self._reload_logged("SIGHUP"))
+
+    async def drain(self) -> None:
+        """Stop accepting at once, wait for open connections up to ``drain_timeout``, close the rest."""
+        self.draining = True
+        for listener in self.listeners:
+            listener.stop_accepting()
+        open_now = self.active_connections()
+        event(log, logging.INFO, "draining", open_connections=open_now, drain_timeout_s=self.cfg.limits.drain_timeout)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._all_closed(), self.cfg.limits.drain_timeout)
+        left = [conn for listener in self.listeners for conn in list(listener.active)]
+        for conn in left:
+            conn.finish(conn.outcome or "ok", "drain_timeout", abort=True)
+        await asyncio.sleep(0)  # let aborted transports report connection_lost
+        await self.close_listeners_and_services()
+        event(log, logging.INFO, "stopped", cut_connections=len(left))
+
+    async def close_listeners_and_services(self) -> None:
+        for listener in self.listeners:
+            listener.stop_accepting()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for _start, stop in reversed(self.services):
+            with contextlib.suppress(Exception):
+                await stop()
+        for listener in self.listeners:
+            if listener.server is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(listener.server.wait_closed(), 1.0)
+
+    # -- state for the admin server and tests ------------------------------------------------
+
+    def active_connections(self) -> int:
+        return sum(len(listener.active) for listener in self.listeners)
+
+    def not_ready_reasons(self) -> list[str]:
+        reasons: list[str] = []
+        if self.draining:
+            reasons.append("draining")
+        for listener in self.listeners:
+            if listener.bound is None:
+                reasons.append(f"listener {listener.name} is not bound")
+        if not self.store.loaded:
+            reasons.append("identity certificate not loaded")
+        else:
+            ident = self.store.material.identity
+            now = datetime.now(UTC)
+            if now > ident.not_after:
+                reasons.append(f"identity certificate expired at {ident.not_after.isoformat()}")
+            elif now < ident.not_before:
+                reasons.append(f"identity certificate not valid before {ident.not_before.isoformat()}")
+        return reasons
+
+    async def reload(self) -> Material:
+        """Reload TLS material now (raises ``CertificateError``, old material kept)."""
+        return await self.store.reload()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload_logged(self, why: str) -> None:
+        with contextlib.suppress(CertificateError):
+            await self.reload()
+
+    def _count_reload(self, ok: bool, error: str | None) -> None:
+        self.metrics.cert_reloads.labels(result="ok" if ok else "error").inc()
+        if ok:
+            event(log, logging.INFO, "certificates reloaded", identity=self.store.material.identity.summary())
+        else:
+            event(log, logging.ERROR, "certificate reload failed; keeping the material in use", error=error)
+
+    def _on_material(self, material: Material) -> None:
+        self.metrics.cert_expiry.labels(cert="identity").set(material.identity.not_after.timestamp())
+
+    async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            now = loop.time()
+            for listener in self.listeners:
+                listener.tick(now)
+
+
+@contextlib.contextmanager
+def _signals(
+    loop: asyncio.AbstractEventLoop, stop: Callable[[], None], force: Callable[[], None], reload: Callable[[], None]
+) -> Iterator[None]:
+    """SIGTERM/SIGINT drain; a second SIGINT stops waiting for connections; SIGHUP reloads certificates."""
+    interrupted = False
+
+    def on_int() -> None:
+        nonlocal interrupted
+        if interrupted:
+            force()
+        interrupted = True
+        stop()
+
+    handlers = {signal.SIGTERM: stop, signal.SIGINT: on_int, signal.SIGHUP: reload}
+    for sig, fn in handlers.items():
+        loop.add_signal_handler(sig, fn)
+    try:
+        yield
+    finally:
+        for sig in handlers:
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,283 @@
+"""The owner of this sidecar's TLS material: identity chain, key, CA bundle and CRL.
+
+Material is read and validated off the event loop, built into ready SSL contexts, and published
+with one attribute store, so a handshake uses all-old or all-new material, never a mix. Listeners
+ask ``store.material`` once per accepted connection. A failed load keeps the old material.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from .config import TLSFiles
+from .errors import CertificateError
+from .identity import from_certificate
+
+_CRL_BEGIN = b"-----BEGIN X509 CRL-----"
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    """What ``/certs``, ``sidecar check`` and the logs say about one certificate."""
+
+    subject: str
+    spiffe_ids: tuple[str, ...]
+    dns_names: tuple[str, ...]
+    serial: str
+    not_before: datetime
+    not_after: datetime
+    sha256: str
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> CertInfo:
+        ident = from_certificate(cert)
+        return cls(
+            subject=cert.subject.rfc4514_string(),
+            spiffe_ids=ident.spiffe_ids,
+            dns_names=ident.dns_names,
+            serial=format(cert.serial_number, "x"),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            sha256=cert.fingerprint(hashes.SHA256()).hex(),
+        )
+
+    def summary(self) -> str:
+        who = self.spiffe_ids[0] if self.spiffe_ids else (self.dns_names[0] if self.dns_names else self.subject)
+        return f"{who} (serial {self.serial}, valid until {self.not_after.isoformat()})"
+
+
+@dataclass(frozen=True)
+class Material:
+    """One consistent generation of TLS material with contexts ready for handshakes."""
+
+    server_ctx: ssl.SSLContext
+    client_ctx_hostname: ssl.SSLContext  # verifies the upstream's DNS name
+    client_ctx_identity: ssl.SSLContext  # leaves identity to ``server_identity`` patterns
+    chain: tuple[x509.Certificate, ...]
+    cas: tuple[x509.Certificate, ...]
+    identity: CertInfo
+    ca_infos: tuple[CertInfo, ...]
+    loaded_at: float
+    generation: int
+
+    def client_ctx(self, *, verify_hostname: bool) -> ssl.SSLContext:
+        return self.client_ctx_hostname if verify_hostname else self.client_ctx_identity
+
+    def chain_problem(self) -> str | None:
+        """Why the identity chain does not lead to a CA of the bundle, or None when it does."""
+        current, intermediates = self.chain[0], list(self.chain[1:])
+        for _ in range(len(intermediates) + 1):
+            for ca in self.cas:
+                if _issued_by(current, ca):
+                    return None
+            nxt = next((c for c in intermediates if _issued_by(current, c)), None)
+            if nxt is None:
+                break
+            intermediates.remove(nxt)
+            current = nxt
+        return f"certificate '{current.subject.rfc4514_string()}' is not issued by any CA in the bundle"
+
+
+class TLSStore:
+    """Holds the current ``Material``; ``reload`` swaps it only when the new files are good."""
+
+    def __init__(self, files: TLSFiles, *, on_reload: Callable[[bool, str | None], None] | None = None) -> None:
+        self.files = files
+        self._material: Material | None = None
+        self._on_reload = on_reload
+        self._lock = asyncio.Lock()
+        self.reloads_ok = 0
+        self.reloads_error = 0
+        self.last_error: str | None = None
+        self.listeners: list[Callable[[Material], None]] = []
+
+    @property
+    def material(self) -> Material:
+        if self._material is None:
+            raise RuntimeError("TLS material not loaded yet")
+        return self._material
+
+    @property
+    def loaded(self) -> bool:
+        return self._material is not None
+
+    async def load(self) -> Material:
+        """First load: like ``reload`` but a failure is fatal to the caller."""
+        material = await asyncio.to_thread(load_material, self.files, 1)
+        self._publish(material)
+        return material
+
+    async def reload(self) -> Material:
+        """Re-read every file; publish on success, keep the old material and raise on failure."""
+        async with self._lock:
+            generation = self._material.generation + 1 if self._material else 1
+            try:
+                material = await asyncio.to_thread(load_material, self.files, generation)
+            except CertificateError as exc:
+                self.reloads_error += 1
+                self.last_error = str(exc)
+                if self._on_reload:
+                    self._on_reload(False, str(exc))
+                raise
+            self.reloads_ok += 1
+            self.last_error = None
+            self._publish(material)
+            if self._on_reload:
+                self._on_reload(True, None)
+            return material
+
+    def _publish(self, material: Material) -> None:
+        self._material = material
+        for listener in self.listeners:
+            listener(material)
+
+
+def load_material(files: TLSFiles, generation: int = 1, *, now: datetime | None = None) -> Material:
+    """Read, validate and build contexts (blocking: run it in a thread)."""
+    chain = _read_certs(files.cert, "certificate")
+    key = _read_key(files.key)
+    leaf = chain[0]
+    if _public_bytes(key) != _public_bytes(leaf):
+        raise CertificateError(f"key file '{files.key}' does not match certificate '{files.cert}'")
+    _check_validity(leaf, files.cert, now or datetime.now(UTC))
+    cas = _read_certs(files.ca, "CA bundle")
+    crl_pem = _read_crls(files.crl) if files.crl is not None else None
+
+    cert_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    ca_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cas)
+    with _private_file(cert_pem + key_pem) as pair_path, _private_file(crl_pem or b"") as crl_path:
+        server = _context(ssl.PROTOCOL_TLS_SERVER, pair_path, ca_pem, crl_path if crl_pem else None, files)
+        server.verify_mode = ssl.CERT_REQUIRED
+        server.num_tickets = 0
+        client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
+        client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
+        client_i.check_hostname = False  # identity is checked against server_identity after the handshake
+    return Material(
+        server_ctx=server,
+        client_ctx_hostname=client_h,
+        client_ctx_identity=client_i,
+        chain=tuple(chain),
+        cas=tuple(cas),
+        identity=CertInfo.of(leaf),
+        ca_infos=tuple(CertInfo.of(c) for c in cas),
+        loaded_at=time.time(),
+        generation=generation,
+    )
+
+
+def _context(protocol: ssl._SSLMethod, pair: str, ca_pem: bytes, crl: str | None, files: TLSFiles) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    try:
+        ctx.load_cert_chain(pair)
+        ctx.load_verify_locations(cadata=ca_pem.decode("ascii"))
+        if crl is not None:
+            ctx.load_verify_locations(cafile=crl)
+            ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    except (ssl.SSLError, ValueError) as exc:
+        raise CertificateError(f"loading '{files.cert}', '{files.key}', '{files.ca}' into TLS: {exc}") from None
+    return ctx
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CertificateError(f"reading {what} file '{path}': {exc.strerror or exc}") from None
+
+
+def _read_certs(path: Path, what: str) -> list[x509.Certificate]:
+    data = _read(path, what)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise CertificateError(f"{what} file '{path}': not a valid PEM certificate ({exc})") from None
+    if not certs:
+        raise CertificateError(f"{what} file '{path}': holds no certificate")
+    return certs
+
+
+def _read_key(path: Path) -> PrivateKeyTypes:
+    data = _read(path, "key")
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        # never echo the file's content: only what kind of problem it is
+        reason = "encrypted keys are not supported" if isinstance(exc, TypeError) else "not a valid PEM private key"
+        raise CertificateError(f"key file '{path}': {reason}") from None
+
+
+def _read_crls(path: Path) -> bytes:
+    data = _read(path, "CRL")
+    blocks = [_CRL_BEGIN + part for part in data.split(_CRL_BEGIN)[1:]]
+    if not blocks:
+        raise CertificateError(f"CRL file '{path}': holds no PEM CRL")
+    for block in blocks:
+        try:
+            x509.load_pem_x509_crl(block)
+        except ValueError as exc:
+            raise CertificateError(f"CRL file '{path}': not a valid PEM CRL ({exc})") from None
+    return b"".join(blocks)
+
+
+def _check_validity(cert: x509.Certificate, path: Path, now: datetime) -> None:
+    if now < cert.not_valid_before_utc:
+        raise CertificateError(f"certificate '{path}' is not valid before {cert.not_valid_before_utc.isoformat()}")
+    if now > cert.not_valid_after_utc:
+        raise CertificateError(f"certificate '{path}' expired at {cert.not_valid_after_utc.isoformat()}")
+
+
+def _public_bytes(obj: PrivateKeyTypes | x509.Certificate) -> bytes:
+    public = obj.public_key()
+    return public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, Exception):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _private_file(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can read ``data`` from, never visible to other users (memfd on Linux)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("sidecar-tls", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="sidecar-tls-") as tmp:
+        path = os.path.join(tmp, "material.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield path
+
+
+def fingerprint(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
