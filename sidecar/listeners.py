@@ -138,6 +138,7 @@ class ProxyConnection(Connection):
         self.tls_version: str | None = None
         self.cipher: str | None = None
         self.client = "-"
+        self.handshake_error: str | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._dial_task: asyncio.Task[None] | None = None
         self._handshake_started = 0.0
@@ -154,8 +155,12 @@ class ProxyConnection(Connection):
 
     def _handshake_timed_out(self) -> None:
         self._timer = None
-        self.metrics.handshake_failed("timeout")
+        self.handshake_failed("timeout")
         self.finish("timeout", "handshake_timeout", abort=True)
+
+    def handshake_failed(self, reason: str) -> None:
+        self.handshake_error = reason
+        self.metrics.handshake_failed(reason)
 
     def handshake_finished(self, leg: Leg) -> None:
         if self._timer is not None:
@@ -194,7 +199,7 @@ class ProxyConnection(Connection):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self.metrics.handshake_failed(tlserrors.classify(exc))
+            self.handshake_failed(tlserrors.classify(exc))
             self.finish("tls_error", ssl_error_text(exc), abort=True)
         else:
             self.finish("tls_error" if isinstance(exc, ssl.SSLError) else "ok", ssl_error_text(exc), abort=True)
@@ -255,6 +260,7 @@ class ProxyConnection(Connection):
             peer_identity=self.peer.describe() if self.peer else None,
             outcome=outcome,
             reason=self.reason,
+            handshake_error=self.handshake_error,
             bytes_to_upstream=self.bytes_to_upstream,
             bytes_to_downstream=self.bytes_to_downstream,
             duration_ms=round(duration * 1000, 3),
@@ -292,7 +298,7 @@ class InboundConnection(ProxyConnection):
 
     def on_lost_before_streaming(self, leg: Leg, exc: Exception | None) -> None:
         if leg is self.down and not leg.handshake_done:
-            self.metrics.handshake_failed("eof")
+            self.handshake_failed("eof")
             self.finish("tls_error", "closed during handshake")
         else:
             self.finish("ok" if leg is self.down else "upstream_error", "closed before streaming")
@@ -332,7 +338,7 @@ class OutboundConnection(ProxyConnection):
 
     def on_lost_before_streaming(self, leg: Leg, exc: Exception | None) -> None:
         if leg is self.up and not leg.handshake_done:
-            self.metrics.handshake_failed("eof")
+            self.handshake_failed("eof")
             self.finish("upstream_error", "upstream closed during handshake")
         else:
             self.finish("ok", "client closed before streaming")
