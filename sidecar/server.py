@@ -22,9 +22,11 @@ from .listeners import InboundListener, Listener, OutboundListener
 from .logs import event
 from .metrics import Metrics
 from .tls import Material, TLSStore
+from .watch import CertWatcher
 
 log = logging.getLogger("sidecar")
 TICK_SECONDS = 1.0
+EXPIRY_WARNING_FRACTION = 0.1
 
 
 class Sidecar:
@@ -33,6 +35,8 @@ class Sidecar:
         self.metrics = metrics if metrics is not None else Metrics()
         self.store = TLSStore(cfg.tls, on_reload=self._count_reload)
         self.store.listeners.append(self._on_material)
+        self.watcher = CertWatcher(cfg.tls.paths(), self._reload_quietly)
+        self._expiry_warned: int | None = None
         self.listeners: list[Listener] = []
         for spec in cfg.inbound:
             metrics_i = self.metrics.for_listener(spec.name, "inbound")
@@ -67,7 +71,9 @@ class Sidecar:
                 "the sidecar's OpenSSL settings are not in effect "
                 "(OPENSSL_CONF set by the operator, or ssl imported first): TLS 1.3 groups are OpenSSL's defaults",
             )
+        loaded_fp = await self.watcher.current()
         await self.store.load()
+        self.watcher.mark_loaded(loaded_fp)
         for start, _stop in self.services:
             await start()
         counters = {"inbound": 0, "outbound": 0}
@@ -80,6 +86,7 @@ class Sidecar:
                 where = f"{listener.direction}[{index}].listen"
                 raise SidecarError(f"{where}: cannot listen on {listener.listen}: {exc.strerror or exc}") from None
         self._spawn(self._ticker())
+        self._spawn(self.watcher.run())
         self.started = True
         ident = self.store.material.identity
         event(
@@ -189,8 +196,16 @@ class Sidecar:
         task.add_done_callback(self._tasks.discard)
 
     async def _reload_logged(self, why: str) -> None:
-        with contextlib.suppress(CertificateError):
+        event(log, logging.INFO, "reload requested", by=why)
+        await self._reload_quietly()
+
+    async def _reload_quietly(self) -> bool:
+        """Reload; the outcome is logged and counted by ``_count_reload``, not raised."""
+        try:
             await self.reload()
+        except CertificateError:
+            return False
+        return True
 
     def _count_reload(self, ok: bool, error: str | None) -> None:
         self.metrics.cert_reloads.labels(result="ok" if ok else "error").inc()
@@ -209,6 +224,27 @@ class Sidecar:
             now = loop.time()
             for listener in self.listeners:
                 listener.tick(now)
+            self._warn_if_expiring()
+
+    def _warn_if_expiring(self) -> None:
+        """Warn once per loaded certificate when less than ``EXPIRY_WARNING_FRACTION`` of its life is left."""
+        material = self.store.material
+        if self._expiry_warned == material.generation:
+            return
+        ident = material.identity
+        lifetime = (ident.not_after - ident.not_before).total_seconds()
+        left = (ident.not_after - datetime.now(UTC)).total_seconds()
+        if left <= lifetime * EXPIRY_WARNING_FRACTION:
+            self._expiry_warned = material.generation
+            level = logging.ERROR if left <= 0 else logging.WARNING
+            event(
+                log,
+                level,
+                "identity certificate expires soon" if left > 0 else "identity certificate expired",
+                serial=ident.serial,
+                not_after=ident.not_after.isoformat(),
+                seconds_left=round(left),
+            )
 
 
 @contextlib.contextmanager
