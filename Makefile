@@ -1,0 +1,42 @@
+# `make demo` and `make test` are all a new machine needs: each creates the virtualenv first.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test lint unit bench bench-deps test-compose clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: venv
+	$(VENV)/bin/sidecar demo
+
+lint: venv
+	$(VENV)/bin/ruff check sidecar tests bench
+	$(VENV)/bin/ruff format --check sidecar tests bench
+	$(VENV)/bin/mypy sidecar
+
+test: lint
+	$(PY) -m pytest
+
+unit: venv
+	$(PY) -m pytest tests/unit
+
+bench-deps:
+	apt-get update -q
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk iperf3 stunnel4 haproxy nginx libnginx-mod-stream
+
+bench: venv
+	$(PY) -m bench
+
+test-compose: venv
+	bash scripts/compose-test.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
