@@ -38,9 +38,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 async def index(request: web.Request) -> web.Response:
-    return web.json_response(
-        {"service": request.app[NAME_KEY], "peer": request.headers.get(PEER_HEADER)}
-    )
+    return web.json_response({"service": request.app[NAME_KEY], "peer": request.headers.get(PEER_HEADER)})
 
 
 async def healthz(request: web.Request) -> web.Response:
