@@ -7,6 +7,7 @@ from the sidecar's ``ready`` log line, so parallel runs never race for ports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -314,3 +315,336 @@ def plain_connect(port: int, timeout: float = 10.0) -> socket.socket:
 
 def iter_lines(path: Path) -> Iterator[str]:
     yield from path.read_text(errors="replace").splitlines()
+
+
+# -- TLS by hand, a recording TLS upstream, sidecar pairs (outbound, integrity, limits, lifecycle) --
+
+
+def server_context(leaf: CertFiles, ca_file: Path) -> ssl.SSLContext:
+    """A TLS 1.3 server context that requires a client certificate from ``ca_file``'s CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(str(leaf.cert), str(leaf.key))
+    ctx.load_verify_locations(cafile=str(ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class TLSConn:
+    """An ``ssl.SSLObject`` over a blocking socket, driven by hand.
+
+    Unlike ``SSLSocket`` it can half-close: ``close_notify()`` sends close_notify and the read side
+    stays usable (TLS 1.3), and after a failed handshake the raw socket can still be read.
+    ``recv`` returns b"" at the end of data; ``clean_eof`` says whether that end was a close_notify.
+    """
+
+    def __init__(
+        self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        self.sock = sock
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=server_hostname)
+        self.clean_eof: bool | None = None
+
+    def _flush(self) -> None:
+        if self.outgoing.pending:
+            self.sock.sendall(self.outgoing.read())
+
+    def _run(self, op: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                result = op()
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = self.sock.recv(262144)
+                if data:
+                    self.incoming.write(data)
+                else:
+                    self.incoming.write_eof()
+                continue
+            except ssl.SSLError:
+                self._flush()  # the alert saying why
+                raise
+            self._flush()
+            return result
+
+    def handshake(self) -> None:
+        self._run(self.obj.do_handshake)
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            chunk, view = view[:65536], view[65536:]
+            self._run(lambda c=chunk: self.obj.write(c))
+
+    def recv(self, n: int = 262144) -> bytes:
+        try:
+            data: bytes = self._run(lambda: self.obj.read(n))
+        except ssl.SSLZeroReturnError:
+            self.clean_eof = True
+            return b""
+        except ssl.SSLEOFError:
+            self.clean_eof = False
+            return b""
+        if not data:  # SSLObject.read returns b"" (rather than raising) on a close_notify
+            self.clean_eof = True
+        return data
+
+    def recv_all(self) -> bytes:
+        chunks = []
+        while data := self.recv():
+            chunks.append(data)
+        return b"".join(chunks)
+
+    def close_notify(self) -> None:
+        """Finish sending (close_notify); keep reading with ``recv``."""
+        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            self.obj.unwrap()
+        self._flush()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def tls_client(port: int, leaf: CertFiles | None, ca_file: Path, timeout: float = 10.0) -> TLSConn:
+    """A handshaken ``TLSConn`` to 127.0.0.1:port (client certificate ``leaf``; no hostname check)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    conn = TLSConn(raw, client_context(leaf, ca_file), server_side=False, server_hostname="localhost")
+    conn.handshake()
+    return conn
+
+
+@dataclass
+class TLSSession:
+    """What one connection to a ``TLSServer`` showed: the handshake result and every byte."""
+
+    error: str | None = None  # why the handshake failed, None when it succeeded
+    plaintext: bytearray = field(default_factory=bytearray)  # decrypted application data received
+    raw_after_failure: bytearray = field(default_factory=bytearray)  # raw bytes after a failed handshake
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class TLSServer:
+    """A TLS 1.3 upstream in a thread (client certificates required) that records what it gets.
+
+    Every decrypted byte is kept in ``sessions[i].plaintext`` and echoed back; when the handshake
+    fails, whatever arrives afterwards on the raw socket is kept in ``raw_after_failure``. ``sock``
+    may be a bound socket that is not listening yet (a "closed port" that later opens).
+    """
+
+    def __init__(self, leaf: CertFiles, ca_file: Path, *, sock: socket.socket | None = None) -> None:
+        self.ctx = server_context(leaf, ca_file)
+        self.sock = sock or socket.create_server(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.sessions: list[TLSSession] = []
+        self._closed = False
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def accepts(self) -> int:
+        return len(self.sessions)
+
+    def plaintext(self) -> bytes:
+        return b"".join(bytes(s.plaintext) for s in self.sessions)
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            session = TLSSession()
+            self.sessions.append(session)
+            threading.Thread(target=self._run, args=(conn, session), daemon=True).start()
+
+    def _run(self, raw: socket.socket, session: TLSSession) -> None:
+        raw.settimeout(10)
+        conn = TLSConn(raw, self.ctx, server_side=True)
+        try:
+            try:
+                conn.handshake()
+            except (ssl.SSLError, OSError) as exc:
+                session.error = str(exc) or type(exc).__name__
+                with contextlib.suppress(OSError):
+                    while data := raw.recv(65536):
+                        session.raw_after_failure += data
+                return
+            while data := conn.recv():
+                session.plaintext += data
+                conn.sendall(data)
+            conn.close_notify()
+        except (ssl.SSLError, OSError):
+            pass
+        finally:
+            raw.close()
+            session.done.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+
+
+def unlistened_socket() -> socket.socket:
+    """A socket bound to a free loopback port but not listening: connecting there is refused."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
+def start_pair(
+    folder: Path,
+    ca: CertFactory,
+    forwards: dict[str, str],
+    *,
+    limits: dict[str, Any] | None = None,
+) -> tuple[SidecarProcess, SidecarProcess]:
+    """Two sidecars: app -> outbound sidecar (frontend) -> inbound sidecar (orders) -> backend.
+
+    ``forwards`` maps a listener name to a backend address; each name is an inbound listener on the
+    first sidecar and an outbound listener (to it) on the second. Returns (inbound, outbound).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    orders, frontend = ca.leaf("orders"), ca.leaf("frontend")
+    inbound_cfg = write_config(
+        folder / "pair-in.yaml",
+        {
+            "tls": tls_section(orders, ca.ca_file),
+            "inbound": [
+                {"name": name, "listen": "127.0.0.1:0", "forward": addr, "allow": [f"{TD}/frontend"]}
+                for name, addr in forwards.items()
+            ],
+            "limits": limits or {},
+        },
+    )
+    inbound = start_sidecar(inbound_cfg)
+    try:
+        outbound_cfg = write_config(
+            folder / "pair-out.yaml",
+            {
+                "tls": tls_section(frontend, ca.ca_file),
+                "outbound": [
+                    {
+                        "name": name,
+                        "listen": "127.0.0.1:0",
+                        "upstream": f"127.0.0.1:{inbound.port(name)}",
+                        "server_identity": [f"{TD}/orders"],
+                    }
+                    for name in forwards
+                ],
+                "limits": limits or {},
+            },
+        )
+        outbound = start_sidecar(outbound_cfg)
+    except BaseException:
+        inbound.proc.kill()
+        inbound.proc.wait()
+        raise
+    return inbound, outbound
+
+
+def kill(*procs: SidecarProcess) -> None:
+    """Kill sidecars still running (test teardown)."""
+    for sc in procs:
+        if sc.proc.poll() is None:
+            sc.proc.kill()
+            sc.proc.wait()
+
+
+# -- the admin server ------------------------------------------------------------------------
+
+
+def admin_address(sc: SidecarProcess) -> tuple[str, int]:
+    """The admin server's bound address, read from its ``admin listening`` log line."""
+    for rec in sc.logs():
+        if rec.get("msg") == "admin listening":
+            host, _, port = str(rec["address"]).rpartition(":")
+            return host.strip("[]"), int(port)
+    raise AssertionError(f"no 'admin listening' line in the sidecar's log:\n{sc.log_path.read_text()}")
+
+
+@dataclass
+class HTTPAnswer:
+    status: int
+    headers: dict[str, str]  # names in lower case
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def http_request(
+    address: tuple[str, int], method: str, path: str, body: bytes | None = None, timeout: float = 10.0
+) -> HTTPAnswer:
+    import http.client
+
+    conn = http.client.HTTPConnection(address[0], address[1], timeout=timeout)
+    try:
+        conn.request(method, path, body=body)
+        resp = conn.getresponse()
+        return HTTPAnswer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+    finally:
+        conn.close()
+
+
+def admin_request(sc: SidecarProcess, method: str, path: str, body: bytes | None = None) -> HTTPAnswer:
+    return http_request(admin_address(sc), method, path, body)
+
+
+class Scrape:
+    """One ``/metrics`` answer, parsed with prometheus_client's own parser."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.text = text
+        self.families = list(text_string_to_metric_families(text))
+        self.samples = [(s.name, dict(s.labels), s.value) for fam in self.families for s in fam.samples]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The value of the one sample called ``name`` whose labels are exactly ``labels``."""
+        found = [v for n, lbl, v in self.samples if n == name and lbl == labels]
+        if len(found) != 1:
+            near = [(n, lbl, v) for n, lbl, v in self.samples if n == name]
+            raise AssertionError(f"{len(found)} samples {name}{labels}; samples of that name: {near}")
+        return found[0]
+
+    def series(self, name: str, **labels: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """Every sample called ``name`` whose labels include ``labels``, keyed by its sorted labels."""
+        return {
+            tuple(sorted(lbl.items())): v
+            for n, lbl, v in self.samples
+            if n == name and all(lbl.get(k) == want for k, want in labels.items())
+        }
+
+
+def scrape(sc: SidecarProcess) -> Scrape:
+    answer = admin_request(sc, "GET", "/metrics")
+    assert answer.status == 200, answer
+    return Scrape(answer.text)
+
+
+def peer_serial(port: int, ctx: ssl.SSLContext) -> int:
+    """The serial number of the certificate a TLS server presents on ``port``."""
+    from cryptography import x509
+
+    with tls_connect(port, ctx) as s:
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def doubler_handler(conn: socket.socket) -> None:
+    """Answers every byte with two, so the bytes each way differ and are known exactly."""
+    while data := conn.recv(65536):
+        conn.sendall(data * 2)
