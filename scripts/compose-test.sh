@@ -122,6 +122,14 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# What of the host's network podman could change; it must be the same after the test.
+host_network() {
+    ip -o link show | awk -F': ' '{print $2}'
+    if command -v iptables-save > /dev/null; then iptables-save | grep -v '^#' | sed 's/ \[[0-9:]*\]$//'; fi
+    cat /proc/sys/net/ipv4/ip_forward
+}
+host_before=$(host_network)
+
 step "tests/compose (netns $NETNS, project $PROJECT)"
 rm -rf "$LOGS"
 status=0
@@ -132,5 +140,11 @@ SIDECAR_COMPOSE_LOGS=$LOGS \
 SIDECAR_IMAGE=$IMAGE \
 PODMAN_COMPOSE=$CACHE/venv/bin/podman-compose \
     "$PYTHON" -m pytest -p no:cacheprovider -v -rA "$ROOT/tests/compose" || status=$?
+cleanup
+if [ "$(host_network)" != "$host_before" ]; then
+    echo "compose-test: the host's network changed during the test:" >&2
+    diff <(echo "$host_before") <(host_network) >&2 || true
+    status=1
+fi
 echo "compose-test: $(($(date +%s) - started))s in all; containers' logs in $LOGS"
 exit "$status"
