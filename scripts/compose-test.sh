@@ -111,10 +111,11 @@ cleanup() {
     if [ -e "/run/netns/$NETNS" ]; then
         echo "compose-test: cleaning up after an interrupted test ($NETNS)" >&2
         in_ns() { nsenter --net="/run/netns/$NETNS" "$@"; }
-        ids=$(in_ns podman ps -aq --filter "label=io.podman.compose.project=$PROJECT" || true)
-        [ -z "$ids" ] || in_ns podman rm -f -t 2 $ids > /dev/null 2>&1 || true
-        vols=$(podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT" || true)
-        [ -z "$vols" ] || podman volume rm -f $vols > /dev/null 2>&1 || true
+        local -a ids vols
+        mapfile -t ids < <(in_ns podman ps -aq --filter "label=io.podman.compose.project=$PROJECT" || true)
+        [ ${#ids[@]} -eq 0 ] || in_ns podman rm -f -t 2 "${ids[@]}" > /dev/null 2>&1 || true
+        mapfile -t vols < <(in_ns podman volume ls -q --filter "label=io.podman.compose.project=$PROJECT" || true)
+        [ ${#vols[@]} -eq 0 ] || in_ns podman volume rm -f "${vols[@]}" > /dev/null 2>&1 || true
         in_ns podman network rm -f "${PROJECT}_default" > /dev/null 2>&1 || true
         for pid in $(ip netns pids "$NETNS" 2> /dev/null); do kill "$pid" 2> /dev/null || true; done
         ip netns del "$NETNS" 2> /dev/null || true
