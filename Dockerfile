@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The sidecar image: the repository installed into a virtualenv at /opt/venv, run as a non-root
 # user, `sidecar` as the entrypoint and `run` as the default command (config from
 # $SIDECAR_CONFIG, /etc/sidecar/sidecar.yaml). The demo apps use the same image with
