@@ -364,7 +364,8 @@ class TLSConn:
                     self.incoming.write_eof()
                 continue
             except ssl.SSLError:
-                self._flush()  # the alert saying why
+                with contextlib.suppress(OSError):
+                    self._flush()  # the alert saying why, if the peer still listens
                 raise
             self._flush()
             return result
