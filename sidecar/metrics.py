@@ -2,11 +2,23 @@
 
 Names and labels here are part of the contract. Listeners bind their label values once
 (``ListenerMetrics``) so the data path never builds a label dict per connection or per chunk.
+Every label value comes from a fixed set or from the config (listener names), so cardinality is
+bounded; the fixed combinations are created up front so dashboards read 0, not "no data".
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from . import __version__
+from .tlserrors import REASONS
+
+if TYPE_CHECKING:
+    from .tls import Material
+
+OUTCOMES = ("ok", "denied", "tls_error", "upstream_error", "timeout", "limit")
 
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -67,8 +79,35 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.cert_loaded = Gauge(
+            "sidecar_cert_loaded_timestamp_seconds",
+            "When the TLS material in use was loaded, as a Unix timestamp.",
+            registry=r,
+        )
+        self.ready = Gauge(
+            "sidecar_ready",
+            "1 when /readyz answers 200 (every listener bound, identity cert loaded and valid), else 0.",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "sidecar_build_info", "Always 1; labelled with the running version.", ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
         for result in ("ok", "error"):
             self.cert_reloads.labels(result=result)
+
+    def observe_state(self, *, ready: bool, material: Material | None) -> None:
+        """Refresh the gauges that mirror current state; the admin server calls this per scrape.
+
+        ``cert="ca"`` is the soonest expiry in the trust bundle: the one that breaks peers first.
+        """
+        self.ready.set(1 if ready else 0)
+        if material is None:
+            return
+        self.cert_expiry.labels(cert="identity").set(material.identity.not_after.timestamp())
+        if material.ca_infos:
+            self.cert_expiry.labels(cert="ca").set(min(ca.not_after.timestamp() for ca in material.ca_infos))
+        self.cert_loaded.set(material.loaded_at)
 
     def for_listener(self, name: str, direction: str) -> ListenerMetrics:
         return ListenerMetrics(self, name, direction)
@@ -78,7 +117,6 @@ class ListenerMetrics:
     """One listener's label-bound metric children."""
 
     def __init__(self, m: Metrics, name: str, direction: str) -> None:
-        self._m = m
         self.name = name
         self.direction = direction
         self.active = m.active.labels(listener=name, direction=direction)
@@ -88,12 +126,13 @@ class ListenerMetrics:
         self.upstream_connect_seconds = m.upstream_connect_seconds.labels(listener=name)
         self.duration = m.connection_duration_seconds.labels(listener=name, direction=direction)
         self._outcomes = {
-            outcome: m.connections.labels(listener=name, direction=direction, outcome=outcome)
-            for outcome in ("ok", "denied", "tls_error", "upstream_error", "timeout", "limit")
+            outcome: m.connections.labels(listener=name, direction=direction, outcome=outcome) for outcome in OUTCOMES
         }
+        self._failures = {reason: m.handshake_failures.labels(listener=name, reason=reason) for reason in REASONS}
 
     def ended(self, outcome: str) -> None:
         self._outcomes[outcome].inc()
 
     def handshake_failed(self, reason: str) -> None:
-        self._m.handshake_failures.labels(listener=self.name, reason=reason).inc()
+        # an unknown reason would be a bug in tlserrors; count it as "other" rather than grow the label set
+        self._failures.get(reason, self._failures["other"]).inc()
