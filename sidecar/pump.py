@@ -50,7 +50,7 @@ class Leg(asyncio.Protocol):
         self.handshake_done = tls is None
         self.read_eof = False  # the far end of this leg finished sending
         self.write_eof = False  # we finished sending on this leg
-        self.received = 0  # plaintext bytes read from this leg and handed on
+        self.received = 0  # plaintext bytes read from this leg and handed on to the other
         self._held: list[bytes] = []
         self._peer_full = False
         self._reading_paused = False
@@ -61,7 +61,9 @@ class Leg(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
-        self._update_reading()
+        # uvloop starts reading only after connection_made returns, undoing a pause made here; the
+        # callback runs before the loop next polls for I/O, so nothing is read before it.
+        self.conn.loop.call_soon(self._update_reading)
         self.conn.leg_connected(self)
         if self.tls is not None and not self.tls.server_side and not self.lost:
             self._handshake()  # client side speaks first
@@ -138,13 +140,17 @@ class Leg(asyncio.Protocol):
         self.peer = peer
         held, self._held = self._held, []
         for chunk in held:
+            self.received += len(chunk)
             peer.send(chunk)
         if self.read_eof:
             peer.send_eof()
         self._update_reading()
 
     def close(self) -> None:
+        """Close after flushing; a TLS leg past its handshake says close_notify first (RFC 8446 6.1)."""
         if self.transport is not None and not self.transport.is_closing():
+            if self.tls is not None and self.handshake_done and not self.lost:
+                self.send_eof()
             self.transport.close()  # flushes what is buffered first
 
     def abort(self) -> None:
@@ -176,12 +182,12 @@ class Leg(asyncio.Protocol):
         try:
             while True:
                 chunk = tls.read(READ_SIZE)
-                if not chunk:
-                    break
+                if not chunk:  # close_notify: the far end finished sending (CPython returns b"")
+                    raise ssl.SSLZeroReturnError
                 chunks.append(chunk)
         except ssl.SSLWantReadError:
             pass
-        except ssl.SSLZeroReturnError:  # close_notify: the far end finished sending
+        except ssl.SSLZeroReturnError:  # close_notify, once we sent ours too
             self._hand_on(chunks)
             self._flush()
             self._end_of_data()
@@ -199,9 +205,9 @@ class Leg(asyncio.Protocol):
             self._deliver(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def _deliver(self, data: bytes) -> None:
-        self.received += len(data)
         peer = self.peer
         if peer is not None:
+            self.received += len(data)
             peer.send(data)
         else:
             self._held.append(data)

@@ -194,12 +194,6 @@ def test_half_close_the_other_way_through_the_pair(
     assert seen.received_len == len(late) and seen.received_sha == hashlib.sha256(late).hexdigest()
 
 
-@pytest.mark.xfail(
-    reason="pump.Leg._read_tls: SSLObject.read() returns b'' on a close_notify (it raises "
-    "SSLZeroReturnError only once we sent ours), and the pump takes b'' for 'no data yet', so a TLS "
-    "peer's close_notify is not passed on as FIN until its TCP FIN comes",
-    strict=True,
-)
 def test_half_close_with_close_notify_directly_against_inbound(
     pair: tuple[SidecarProcess, SidecarProcess], backends: Backends, ca: CertFactory
 ) -> None:

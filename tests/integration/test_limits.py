@@ -192,11 +192,6 @@ def test_slow_app_reader_slows_the_upstream_and_memory_stays_bounded(
         assert read_all(s) == (pushed.sent, pushed.sha.hexdigest())
 
 
-@pytest.mark.xfail(
-    reason="uvloop ignores pause_reading() called inside connection_made; Leg caches _reading_paused=True, "
-    "so an outbound's plain app leg keeps reading and holding everything the app sends before streaming",
-    strict=True,
-)
 def test_app_bytes_are_not_hoarded_while_the_upstream_handshake_stalls(limited: SidecarProcess) -> None:
     # The app writes at once (as HTTP clients do) while the upstream has not answered the handshake:
     # at most one read may be held (pump.py), the rest must stay in the app's socket.
@@ -236,11 +231,6 @@ def test_forward_to_closed_port_is_upstream_error_and_sidecar_keeps_serving(
     assert inbound.wait_access(2, "down")[-1]["outcome"] == "ok"
 
 
-@pytest.mark.xfail(
-    reason="Connection.finish() closes the TLS leg without close_notify (RFC 8446 6.1: MUST send it "
-    "before closing the write side); only refusals (refuse -> send_eof) send one",
-    strict=True,
-)
 def test_upstream_error_closes_client_tls_with_close_notify(
     pair: tuple[SidecarProcess, SidecarProcess], ca: CertFactory
 ) -> None:

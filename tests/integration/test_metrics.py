@@ -219,10 +219,6 @@ def test_outbound_direction_is_labelled_and_counted(sc: SidecarProcess, outbound
     assert peer.value("sidecar_bytes_total", listener="mesh", flow="to_downstream") == 2000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pump.Leg.received counts bytes read and held before a refusal as if forwarded (see the report)",
-)
 def test_refused_outbound_calls_count_no_bytes(outbound: SidecarProcess) -> None:
     # The app's bytes often arrive while the upstream handshake is under way and are held; after a
     # refusal they are dropped, so they must not count as bytes toward the upstream. Twenty calls,

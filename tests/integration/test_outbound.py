@@ -199,11 +199,6 @@ def test_big_app_write_to_refused_upstream_leaks_nothing(outbound: SidecarProces
     assert bytes(session.raw_after_failure) == b"" and bytes(session.plaintext) == b""
 
 
-@pytest.mark.xfail(
-    reason="pump.Leg._deliver counts bytes held before streaming as forwarded: a refused upstream's "
-    "access record says bytes_to_upstream=N although the upstream received nothing",
-    strict=True,
-)
 def test_refused_upstream_access_record_counts_no_forwarded_bytes(
     outbound: SidecarProcess, upstreams: Upstreams
 ) -> None:
