@@ -58,9 +58,7 @@ class Issued:
 
     def cert_pem(self) -> bytes:
         """The certificate then its chain, PEM: what ``cert.pem`` holds."""
-        return b"".join(
-            c.public_bytes(serialization.Encoding.PEM) for c in (self.cert, *self.chain)
-        )
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (self.cert, *self.chain))
 
     def key_pem(self) -> bytes:
         """The private key as unencrypted PKCS#8 PEM: what ``key.pem`` holds."""
@@ -132,9 +130,7 @@ def new_ca(
     )
     if trust_domain is not None:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
-            ),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
             critical=False,
         )
     cert = builder.sign(signer_key, hashes.SHA256())
@@ -183,9 +179,7 @@ def issue(
             raise PKIError(f"not an IP address: {ip!r}") from None
 
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
-    attributes += [
-        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou) for ou in organizational_units
-    ]
+    attributes += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou) for ou in organizational_units]
 
     key = ec.generate_private_key(ec.SECP256R1())
     builder = (
@@ -212,9 +206,7 @@ def issue(
             critical=True,
         )
         .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -254,10 +246,7 @@ def make_crl(
     )
     for serial in revoked_serials:
         builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder()
-            .serial_number(serial)
-            .revocation_date(this_update)
-            .build()
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(this_update).build()
         )
     crl = builder.sign(ca.key, hashes.SHA256())
     return crl.public_bytes(serialization.Encoding.PEM)
@@ -298,9 +287,7 @@ def validate_spiffe_id(uri: str, *, require_path: bool = True) -> str:
     if not domain:
         raise bad("missing trust domain")
     if not _TRUST_DOMAIN.match(domain):
-        raise bad(
-            "trust domain may hold only lower-case letters, digits, '.', '-' and '_' (no port)"
-        )
+        raise bad("trust domain may hold only lower-case letters, digits, '.', '-' and '_' (no port)")
     if not slash:
         if require_path:
             raise bad("missing a path after the trust domain (e.g. 'spiffe://mesh.local/orders')")
@@ -339,9 +326,7 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             tmp = candidate
             break
         else:
-            raise FileExistsError(
-                errno.EEXIST, "could not create a unique temporary file", str(path.parent)
-            )
+            raise FileExistsError(errno.EEXIST, "could not create a unique temporary file", str(path.parent))
         os.fchmod(fd, mode)  # the umask may have removed bits the caller asked for
         with os.fdopen(fd, "wb") as f:
             fd = -1  # the file object owns it now
@@ -400,9 +385,7 @@ def load_ca(dir: Path) -> Issued:
     try:
         certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
     except FileNotFoundError:
-        raise fail(
-            "certificate", cert_path, f"no such file (run 'sidecar pki init --dir {dir}' first)"
-        ) from None
+        raise fail("certificate", cert_path, f"no such file (run 'sidecar pki init --dir {dir}' first)") from None
     except (OSError, ValueError) as exc:
         raise fail("certificate", cert_path, _cause(exc)) from exc
     cert, chain = certs[0], tuple(certs[1:])
@@ -411,9 +394,7 @@ def load_ca(dir: Path) -> Issued:
     except x509.ExtensionNotFound:
         constraints = None
     if constraints is None or not constraints.ca:
-        raise fail(
-            "certificate", cert_path, "not a CA certificate (basicConstraints CA:TRUE missing)"
-        )
+        raise fail("certificate", cert_path, "not a CA certificate (basicConstraints CA:TRUE missing)")
 
     try:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -446,8 +427,7 @@ def issue_to_dir(
     ca_dir = Path(ca_dir)
     if not _NAME.match(name):
         raise PKIError(
-            f"invalid name {name!r}: use 1-64 letters, digits, '.', '-' or '_', "
-            "starting with a letter or digit"
+            f"invalid name {name!r}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit"
         )
     for dns in dns_names:
         _check_dns_name(dns)
@@ -477,17 +457,12 @@ def _utc(moment: datetime) -> datetime:
 
 def _check_validity(start: datetime, end: datetime) -> None:
     if end <= start:
-        raise PKIError(
-            f"certificate would end ({end.isoformat()}) before it starts ({start.isoformat()})"
-        )
+        raise PKIError(f"certificate would end ({end.isoformat()}) before it starts ({start.isoformat()})")
 
 
 def _check_trust_domain(trust_domain: str) -> None:
     if not trust_domain or not _TRUST_DOMAIN.match(trust_domain):
-        raise PKIError(
-            f"invalid trust domain {trust_domain!r}: "
-            "use lower-case letters, digits, '.', '-' and '_'"
-        )
+        raise PKIError(f"invalid trust domain {trust_domain!r}: use lower-case letters, digits, '.', '-' and '_'")
 
 
 def _check_dns_name(name: str) -> None:

@@ -126,15 +126,11 @@ def test_issued_leaves_complete_mtls_handshake_as_server_and_client(ca_dir: Path
 
 def test_one_leaf_serves_both_roles(tmp_path: Path) -> None:
     ca = pki.new_ca()
-    leaf = pki.issue(
-        ca, common_name="both", spiffe_ids=["spiffe://mesh.local/both"], dns_names=["both.local"]
-    )
+    leaf = pki.issue(ca, common_name="both", spiffe_ids=["spiffe://mesh.local/both"], dns_names=["both.local"])
     cert, key = _write(tmp_path, "both", leaf)
     ca_pem = ca.cert_pem().decode()
 
-    client, server = _handshake(
-        _client_ctx(cert, key, ca_pem), _server_ctx(cert, key, ca_pem), "both.local"
-    )
+    client, server = _handshake(_client_ctx(cert, key, ca_pem), _server_ctx(cert, key, ca_pem), "both.local")
 
     assert _peer(client)["serialNumber"] == f"{leaf.cert.serial_number:X}"
     assert _peer(server)["serialNumber"] == f"{leaf.cert.serial_number:X}"
@@ -143,9 +139,7 @@ def test_one_leaf_serves_both_roles(tmp_path: Path) -> None:
 def test_hostname_mismatch_and_foreign_ca_are_refused(tmp_path: Path) -> None:
     # Proves the handshake helper really verifies: the positive tests are not vacuous.
     ca, other = pki.new_ca(), pki.new_ca("other CA")
-    server_cert, server_key = _write(
-        tmp_path, "server", pki.issue(ca, common_name="s", dns_names=["s.local"])
-    )
+    server_cert, server_key = _write(tmp_path, "server", pki.issue(ca, common_name="s", dns_names=["s.local"]))
     client_cert, client_key = _write(tmp_path, "client", pki.issue(ca, common_name="c"))
     ca_pem, other_pem = ca.cert_pem().decode(), other.cert_pem().decode()
 
@@ -156,9 +150,7 @@ def test_hostname_mismatch_and_foreign_ca_are_refused(tmp_path: Path) -> None:
             "wrong.local",
         )
     # (OpenSSL's server completes its chain from its own trust store, so the client sees the root.)
-    with pytest.raises(
-        ssl.SSLCertVerificationError, match="self-signed certificate in certificate chain"
-    ):
+    with pytest.raises(ssl.SSLCertVerificationError, match="self-signed certificate in certificate chain"):
         _handshake(
             _client_ctx(client_cert, client_key, other_pem),
             _server_ctx(server_cert, server_key, ca_pem),
@@ -178,9 +170,7 @@ def test_intermediate_chain_verifies_with_only_the_root_trusted(tmp_path: Path) 
 
     root_only = root.cert_pem().decode()
     server_files, client_files = _write(tmp_path, "s", server), _write(tmp_path, "c", client)
-    c, s = _handshake(
-        _client_ctx(*client_files, root_only), _server_ctx(*server_files, root_only), "s.local"
-    )
+    c, s = _handshake(_client_ctx(*client_files, root_only), _server_ctx(*server_files, root_only), "s.local")
 
     assert ("URI", "spiffe://mesh.local/c") in _peer(s)["subjectAltName"]
     assert _peer(c)["subject"] == ((("commonName", "s"),),)
@@ -198,14 +188,10 @@ def test_revoked_client_is_refused_when_crl_is_checked(tmp_path: Path) -> None:
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         return ctx
 
-    _, server = _handshake(
-        _client_ctx(*_write(tmp_path, "good", good), trust), server_ctx(), "s.local"
-    )
+    _, server = _handshake(_client_ctx(*_write(tmp_path, "good", good), trust), server_ctx(), "s.local")
     assert _peer(server)["subject"] == ((("commonName", "good"),),)
     with pytest.raises(ssl.SSLError, match="revoked"):
-        _handshake(
-            _client_ctx(*_write(tmp_path, "revoked", revoked), trust), server_ctx(), "s.local"
-        )
+        _handshake(_client_ctx(*_write(tmp_path, "revoked", revoked), trust), server_ctx(), "s.local")
 
 
 # --- certificate contents -------------------------------------------------------------------------
@@ -221,9 +207,7 @@ def test_ca_certificate_profile() -> None:
     assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign
     assert not usage.value.digital_signature
     ski = ext.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    assert (
-        ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier == ski.digest
-    )
+    assert ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier == ski.digest
     assert ca.cert.subject == ca.cert.issuer
     assert ca.chain == ()
     assert ca.key.curve.name == "secp256r1"
@@ -255,14 +239,9 @@ def test_leaf_profile(ca_dir: Path) -> None:
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
 
     leaf_ski = ext.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    assert (
-        leaf_ski.digest == x509.SubjectKeyIdentifier.from_public_key(leaf.key.public_key()).digest
-    )
+    assert leaf_ski.digest == x509.SubjectKeyIdentifier.from_public_key(leaf.key.public_key()).digest
     ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    assert (
-        ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
-        == ca_ski.digest
-    )
+    assert ext.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier == ca_ski.digest
     leaf.cert.verify_directly_issued_by(ca.cert)
 
     assert _uris(leaf.cert) == ["spiffe://mesh.local/orders"]
@@ -277,9 +256,7 @@ def test_spiffe_id_defaults_to_trust_domain_and_name(tmp_path: Path) -> None:
     leaf = pki.issue_to_dir(tmp_path / "prod", "jobs")
     assert _uris(leaf.cert) == ["spiffe://prod.example/jobs"]
 
-    explicit = pki.issue_to_dir(
-        tmp_path / "prod", "jobs2", spiffe_id="spiffe://prod.example/jobs/nightly"
-    )
+    explicit = pki.issue_to_dir(tmp_path / "prod", "jobs2", spiffe_id="spiffe://prod.example/jobs/nightly")
     assert _uris(explicit.cert) == ["spiffe://prod.example/jobs/nightly"]
 
 
@@ -310,9 +287,7 @@ def test_leaf_variants_for_tests() -> None:
     ]
     assert san.value.get_values_for_type(x509.DNSName) == ["*.mesh.local"]
     assert [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
-    ous = [
-        a.value for a in full.cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    ]
+    ous = [a.value for a in full.cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
     assert ous == ["payments", "ops"]
     assert not full.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
 
@@ -420,17 +395,12 @@ def test_reissue_replaces_both_files_with_a_new_matching_pair(ca_dir: Path) -> N
     assert second.cert.serial_number != first.cert.serial_number
     on_disk = x509.load_pem_x509_certificate(new_cert)
     assert on_disk.serial_number == second.cert.serial_number
-    assert (
-        serialization.load_pem_private_key(new_key, password=None).public_key()
-        == on_disk.public_key()
-    )
+    assert serialization.load_pem_private_key(new_key, password=None).public_key() == on_disk.public_key()
     assert _mode(ca_dir / "orders/key.pem") == 0o600
     assert sorted(p.name for p in (ca_dir / "orders").iterdir()) == ["cert.pem", "key.pem"]
 
 
-def test_issue_writes_the_key_before_the_cert(
-    ca_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_issue_writes_the_key_before_the_cert(ca_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     written: list[str] = []
     real = pki.write_atomic
 
@@ -537,9 +507,7 @@ def test_bad_spiffe_id_is_refused_and_nothing_written(ca_dir: Path, spiffe_id: s
 def test_validate_spiffe_id_accepts_good_ids() -> None:
     good = "spiffe://mesh.local/ns/prod/sa/billing-v2_x.y"
     assert pki.validate_spiffe_id(good) == good
-    assert (
-        pki.validate_spiffe_id("spiffe://mesh.local", require_path=False) == "spiffe://mesh.local"
-    )
+    assert pki.validate_spiffe_id("spiffe://mesh.local", require_path=False) == "spiffe://mesh.local"
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", ".hidden", "x" * 65, "sp ace"])
@@ -549,9 +517,7 @@ def test_bad_name_is_refused(ca_dir: Path, name: str) -> None:
     assert sorted(p.name for p in ca_dir.iterdir()) == ["ca-key.pem", "ca.pem"]
 
 
-@pytest.mark.parametrize(
-    "dns", ["", "-bad.local", "a..b", "bücher.de", "a.*.local", "under score ok"]
-)
+@pytest.mark.parametrize("dns", ["", "-bad.local", "a..b", "bücher.de", "a.*.local", "under score ok"])
 def test_bad_dns_name_is_refused(ca_dir: Path, dns: str) -> None:
     with pytest.raises(PKIError, match="invalid DNS name"):
         pki.issue_to_dir(ca_dir, "orders", dns_names=[dns])
