@@ -1,0 +1,141 @@
+"""``python -m bench``: the only place that parses options, prints the summary and picks exit codes.
+
+Exit 0: every pair passed its checks and every workload ran. 1: a pair failed (the report is still
+written, naming it). 2: a usage error or a missing tool. 130: interrupted (everything started is
+stopped and the temporary folder removed first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, replace
+from datetime import date
+from pathlib import Path
+
+from . import report, tools
+from .procs import BenchError, Procs, sigterm_as_interrupt
+from .runner import Bench, Settings, require_tools
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL_PAIRS = ("direct", "sidecar", "stunnel", "haproxy", "nginx")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="What mTLS costs: direct vs our sidecar pair vs stunnel, HAProxy and nginx pairs on loopback.",
+        epilog="Full run: `make bench-deps && make bench`. Results go to bench/results/<date>.{md,json,png}.",
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="seconds, one repetition: proves every pair works")
+    mode.add_argument("--target", metavar="HOST:PORT", help="measure your own HTTP service behind a sidecar pair")
+    p.add_argument("--pairs", help=f"comma-separated subset of {','.join(ALL_PAIRS)} (default: all installed)")
+    p.add_argument("--reps", type=int, help="repetitions (default 3; quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per workload (default 5; quick 0.3)")
+    p.add_argument(
+        "--load",
+        choices=("auto", "tools", "python"),
+        default="auto",
+        help="wrk + iperf3, or the pure-Python client (auto: tools, except python for --quick)",
+    )
+    p.add_argument("--no-resume", action="store_true", help="skip the peers' resumption-on variants")
+    p.add_argument("--threads", type=int, help="wrk threads (default 2)")
+    p.add_argument("--connections", type=int, help="keep-alive connections (default 50)")
+    p.add_argument("--new-connections", type=int, help="concurrent connections for the new-connection load (16)")
+    p.add_argument("--idle", type=int, help="idle connections for the memory figure (default 1000)")
+    p.add_argument("--path", default="/", help="--target: the request path (default /)")
+    p.add_argument("--out", type=Path, help="output folder (default bench/results; quick and target: .../tmp)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary folder (configs, logs)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with sigterm_as_interrupt():
+            if args.target:
+                from . import target
+
+                return target.main(args)
+            return run(args)
+    except BenchError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    load = ("python" if args.quick else "tools") if args.load == "auto" else args.load
+    pairs = tuple(ALL_PAIRS if not args.pairs else [x.strip() for x in args.pairs.split(",") if x.strip()])
+    unknown = [x for x in pairs if x not in ALL_PAIRS]
+    if unknown:
+        raise BenchError(f"--pairs: unknown {', '.join(unknown)} (known: {', '.join(ALL_PAIRS)})")
+    s = Settings(pairs=pairs, load=load, resume=not args.no_resume, quick=args.quick)
+    if args.quick:
+        s = replace(
+            s,
+            reps=1,
+            duration=1.0 if load == "tools" else 0.3,
+            threads=1,
+            ka_connections=8,
+            nc_connections=4,
+            idle_connections=20,
+            bulk_mb=16,
+            settle=0.1,
+            idle_hold=0.2,
+        )
+    overrides = {
+        "reps": args.reps,
+        "duration": args.duration,
+        "threads": args.threads,
+        "ka_connections": args.connections,
+        "nc_connections": args.new_connections,
+        "idle_connections": args.idle,
+    }
+    s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    if s.reps < 1 or s.duration <= 0:
+        raise BenchError("--reps and --duration must be positive")
+    return s
+
+
+def run(args: argparse.Namespace) -> int:
+    found = tools.find()
+    settings = settings_from(args)
+    if settings.load == "tools":
+        require_tools(found)
+    mode = "quick" if args.quick else "full"
+    out = args.out or (RESULTS / "tmp" if args.quick else RESULTS)
+    with Procs(keep_tmp=args.keep_tmp) as procs:
+        bench = Bench(settings, procs, found)
+        bench.run()
+    notes = list(found.notes)
+    if settings.load == "python":
+        notes.append("load from the pure-Python client: its numbers measure Python as much as the pairs")
+    used = {k: v for k, v in found.versions().items() if k in _used_tools(settings)}
+    results = report.build(
+        mode=mode,
+        settings=asdict(settings),
+        samples=bench.samples,
+        info=bench.info,
+        versions=used,
+        backends=bench.backends,
+        failures=bench.failures,
+        notes=notes,
+        pair_order=settings.pairs,
+        background=bench.background,
+    )
+    written = report.write(results, out, date.today().isoformat())
+    print(report.markdown(results, None))
+    for path in written:
+        print(f"bench: wrote {path}", file=sys.stderr)
+    return 1 if bench.failures else 0
+
+
+def _used_tools(settings: Settings) -> set[str]:
+    used = {"nginx"} | set(settings.pairs)  # nginx is also the HTTP backend when installed
+    if settings.load == "tools":
+        used |= {"wrk", "iperf3"}
+    return used

@@ -1,0 +1,236 @@
+"""One bench run: backends up, then repetitions; in each, every variant in rotated order is started,
+checked, measured workload by workload, and stopped.
+
+A variant is a pair with client-side resumption off (all workloads) or on (new connections only:
+resumption changes nothing else). Samples land in ``samples[pair][metric]``, one value per
+repetition; resumed-variant metrics carry the ``rs_`` prefix. CPU is the pair's processes'
+user + system time over the workload, divided by what the workload moved.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import ORIGINAL_OPENSSL_CONF, backends, checks, load
+from . import certs as certs_mod
+from .checks import CheckFailed
+from .pairs import PAIRS, Ctx, Pair, Running
+from .procs import BackgroundMeter, BenchError, Procs, cpu_seconds, raise_fd_limit, rss_kib
+from .tools import DEB_PACKAGES, Tools
+
+WORKLOADS = ("idle", "keepalive", "newconn", "bulk_up", "bulk_down")
+MAX_ERROR_FRACTION = 0.01
+
+
+@dataclass(frozen=True)
+class Settings:
+    pairs: tuple[str, ...]
+    reps: int = 3
+    duration: float = 5.0
+    load: str = "tools"  # tools | python
+    threads: int = 2
+    ka_connections: int = 50
+    nc_connections: int = 16
+    idle_connections: int = 1000
+    bulk_mb: int = 256  # python load only: bytes per bulk transfer
+    resume: bool = True
+    quick: bool = False
+    settle: float = 0.3  # after a workload: let connections close and access records be written
+    idle_hold: float = 1.0  # how long idle connections are held before memory is read
+
+
+@dataclass(frozen=True)
+class Variant:
+    pair: Pair
+    resume: bool
+    workloads: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return self.pair.name + ("+resume" if self.resume else "")
+
+
+@dataclass
+class Bench:
+    settings: Settings
+    procs: Procs
+    tools: Tools
+    samples: dict[str, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    backends: dict[str, str] = field(default_factory=dict)
+    background: list[float] = field(default_factory=list)  # % of the machine used by others, per workload
+
+    def env(self) -> dict[str, str]:
+        import os
+
+        env = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}
+        if ORIGINAL_OPENSSL_CONF is not None:
+            env["OPENSSL_CONF"] = ORIGINAL_OPENSSL_CONF
+        return env
+
+    def plan(self) -> list[Variant]:
+        variants = []
+        for name in self.settings.pairs:
+            pair = PAIRS[name]
+            if not pair.available(self.tools):
+                self.info[name] = {"status": "skipped", "reason": f"{pair.tool} is not installed"}
+                continue
+            workloads = WORKLOADS if pair.proxied else WORKLOADS[1:]
+            variants.append(Variant(pair, False, workloads))
+            if not (self.settings.resume and pair.proxied):
+                continue
+            if pair.resumption:
+                variants.append(Variant(pair, True, ("newconn",)))
+            else:
+                reason = f"the {name} has no TLS session resumption yet"
+                self.info[f"{name}+resume"] = {"status": "n/a", "reason": reason}
+        return variants
+
+    def run(self) -> None:
+        s = self.settings
+        fd_limit = raise_fd_limit()
+        env = self.env()
+        certs = certs_mod.make(self.procs.folder("pki"))
+        tools_load = s.load == "tools"
+        b = backends.start(self.procs, self.tools, env, tools_load=tools_load, fd_limit=fd_limit)
+        self.backends = {"http": b.http_kind, "bulk": b.bulk_kind}
+        ctx = Ctx(self.procs, self.tools, certs, b, env, fd_limit)
+        variants = self.plan()
+        for rep in range(s.reps):
+            shift = rep % len(variants)
+            order = variants[shift:] + variants[:shift]
+            for variant in order:
+                self._variant(ctx, variant, rep)
+
+    def _variant(self, ctx: Ctx, v: Variant, rep: int) -> None:
+        info = self.info.setdefault(v.key, {"status": "measured", "checks": [], "errors": [], "notes": []})
+        if info["status"] == "failed":
+            return
+        run: Running | None = None
+        try:
+            if rep == 0 and v.pair.verbose_for_cipher:
+                # This proxy names the suite only at a costly log level: read it from a separate,
+                # verbose instance, then measure one at its normal level.
+                verbose = v.pair.start(ctx, resume=v.resume, verbose=True)
+                try:
+                    info["negotiated"] = checks.check(verbose, ctx.certs).get("negotiated")
+                finally:
+                    for proc in verbose.procs:
+                        self.procs.stop(proc)
+            run = v.pair.start(ctx, resume=v.resume)
+            seen = checks.check(run, ctx.certs)
+            info["checks"].append(seen)
+            if seen.get("negotiated", {}).get("suite"):
+                info["negotiated"] = seen["negotiated"]
+            for workload in v.workloads:
+                meter = BackgroundMeter()
+                meter.start()
+                values = self._measure(ctx, run, workload, info)
+                values_shown = dict(values)
+                if (others := meter.percent()) is not None:
+                    self.background.append(others)
+                    values_shown["others_cpu_pct"] = others
+                prefix = "rs_" if v.resume else ""
+                for metric, value in values.items():
+                    self.samples[v.pair.name][prefix + metric].append(value)
+                _progress(rep, self.settings.reps, v.key, workload, values_shown)
+                if dead := run.dead():
+                    raise BenchError("; ".join(dead))
+        except CheckFailed as exc:
+            info["status"] = "failed"
+            info["errors"].append(f"check: {exc}")
+            self.failures.append(f"{v.key}: {exc}")
+            print(f"bench: {v.key} FAILED its checks: {exc}", file=sys.stderr)
+        except BenchError as exc:
+            info["errors"].append(str(exc))
+            self.failures.append(f"{v.key} (repetition {rep + 1}): {exc}")
+            print(f"bench: {v.key}: {exc}", file=sys.stderr)
+        finally:
+            if run is not None:
+                for proc in run.procs:
+                    self.procs.stop(proc)
+
+    def _measure(self, ctx: Ctx, run: Running, workload: str, info: dict[str, Any]) -> dict[str, float]:
+        s = self.settings
+        pids = run.pids()
+        tools_load = s.load == "tools"
+        if workload == "idle":
+            res = load.idle(
+                run.http_port, connections=s.idle_connections, rss=lambda: rss_kib(run.pids()), settle=s.idle_hold
+            )
+            if res.failed:
+                raise BenchError(f"{res.failed} of {s.idle_connections} idle connections failed")
+            return {"idle_kb": res.kib_per_connection}
+        offset = run.log_offset()
+        cpu0 = cpu_seconds(pids)
+        out: dict[str, float] = {}
+        if workload in ("keepalive", "newconn"):
+            close = workload == "newconn"
+            conns = s.nc_connections if close else s.ka_connections
+            if tools_load:
+                http = load.wrk(
+                    self.procs,
+                    ctx.tools.path("wrk"),
+                    f"http://127.0.0.1:{run.http_port}/",
+                    threads=s.threads,
+                    connections=conns,
+                    duration=s.duration,
+                    close=close,
+                    env=ctx.env,
+                )
+            else:
+                http = load.py_http(run.http_port, connections=conns, duration=s.duration, close=close)
+            cpu = cpu_seconds(pids) - cpu0
+            if http.requests == 0:
+                raise BenchError(f"{workload}: no request succeeded ({http.errors} errors)")
+            if http.errors > MAX_ERROR_FRACTION * http.requests:
+                raise BenchError(f"{workload}: {http.errors} errors in {http.requests} requests")
+            if http.errors:
+                info["notes"].append(f"{workload}: {http.errors} errors in {http.requests} requests")
+            p = "nc" if close else "ka"
+            out = {f"{p}_rate": http.rate, f"{p}_p50_ms": http.p50_ms, f"{p}_p99_ms": http.p99_ms}
+            if run.procs:
+                out[f"{p}_cpu"] = cpu / http.requests * (1e3 if close else 1e6)  # ms per conn, µs per request
+            if close and run.parse is not None:
+                time.sleep(s.settle)
+                shakes = run.handshakes_since(offset)
+                if len(shakes) < 0.95 * http.requests:
+                    # Fewer middle-hop connections than requests: the proxy pooled them, so these
+                    # were not full mTLS handshakes each. Say so rather than report the rate.
+                    raise BenchError(f"newconn: {len(shakes)} middle-hop connections for {http.requests} requests")
+                flagged = [h.resumed for h in shakes if h.resumed is not None]
+                if flagged:
+                    out["nc_resumed_pct"] = 100.0 * sum(flagged) / len(flagged)
+        else:
+            reverse = workload == "bulk_down"
+            if tools_load:
+                iperf3 = ctx.tools.path("iperf3")
+                bulk = load.iperf3(self.procs, iperf3, run.bulk_port, duration=s.duration, reverse=reverse, env=ctx.env)
+            else:
+                bulk = load.py_bulk(run.bulk_port, size=s.bulk_mb << 20, reverse=reverse)
+            cpu = cpu_seconds(pids) - cpu0
+            p = "down" if reverse else "up"
+            out = {f"{p}_gbps": bulk.gbps}
+            if run.procs and bulk.bytes:
+                out[f"{p}_cpu"] = cpu / (bulk.bytes / 1e9)
+        time.sleep(s.settle)
+        return out
+
+
+def _progress(rep: int, reps: int, key: str, workload: str, values: dict[str, float]) -> None:
+    shown = ", ".join(f"{k}={v:,.3g}" for k, v in values.items())
+    print(f"bench: [{rep + 1}/{reps}] {key:<16} {workload:<9} {shown}", file=sys.stderr, flush=True)
+
+
+def require_tools(tools: Tools) -> None:
+    missing = [t for t in ("wrk", "iperf3") if not tools.has(t)]
+    if missing:
+        raise BenchError(
+            f"{' and '.join(missing)} not installed: run `make bench-deps` (apt-get install {DEB_PACKAGES}),"
+            " or use --load python (numbers then measure Python as much as the pairs)"
+        )

@@ -1,0 +1,219 @@
+"""The bench never rots: its quick mode runs every installed pair end to end and writes the report.
+
+``python -m bench --quick`` uses the pure-Python load, so this passes where wrk and iperf3 are
+missing (CI); peers (stunnel, HAProxy, nginx) are measured when installed and skipped otherwise.
+The parsers of the tools' output are checked on recorded samples, and an interrupted run must
+leave no process and no temporary folder behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from bench import load, pairs  # noqa: E402 - the bench lives at the repository root, not in the package
+from bench.procs import BenchError  # noqa: E402
+
+METRICS = ("ka_rate", "ka_p99_ms", "nc_rate", "up_gbps", "down_gbps")
+PROXY_METRICS = ("idle_kb", "ka_cpu", "nc_cpu", "up_cpu", "down_cpu")
+
+
+def run_bench(out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def results(out: Path) -> tuple[str, dict[str, Any]]:
+    (md,) = out.glob("*.md")
+    (js,) = out.glob("*.json")
+    return md.read_text(), json.loads(js.read_text())
+
+
+def assert_measured(data: dict[str, Any], text: str, pair: str) -> None:
+    p = data["pairs"][pair]
+    assert p["status"] == "measured", p
+    assert f"`{pair}`" in text
+    summary = p["summary"]
+    for key in METRICS + (PROXY_METRICS if pair != "direct" else ()):
+        assert summary[key]["median"] > 0, (pair, key, summary.get(key))
+    if pair != "direct":
+        check = p["checks"][0]
+        assert {"refused_no_client_cert", "refused_unknown_ca", "refused_tls12"} <= set(check), check
+        assert p["negotiated"]["suite"].startswith("TLSv1.3 "), p["negotiated"]
+
+
+def test_quick_mode_measures_direct_sidecar_and_installed_peers(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = run_bench(tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    text, data = results(tmp_path)
+    assert data["mode"] == "quick"
+    assert "quick mode" in text
+    for pair in ("direct", "sidecar"):
+        assert_measured(data, text, pair)
+    # Our sidecar cannot resume sessions yet: that column says so instead of showing a number.
+    assert data["pairs"]["sidecar"]["resume_status"] == "n/a"
+    assert "n/a¹" in text
+    for peer in pairs.PEERS:
+        if data["pairs"][peer]["status"] == "skipped":
+            continue
+        assert_measured(data, text, peer)
+        assert data["pairs"][peer]["summary"]["rs_nc_rate"]["median"] > 0
+        assert data["pairs"][peer]["summary"]["nc_resumed_pct"]["median"] == 0  # off means off
+    assert data["ratios"]["vs_direct"]["sidecar"]["ka_rate"] > 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        (png,) = tmp_path.glob("*.png")
+        assert png.read_bytes().startswith(b"\x89PNG")
+    print(f"quick mode took {time.monotonic() - started:.1f}s")
+
+
+@pytest.mark.skipif(not (shutil.which("wrk") and shutil.which("iperf3")), reason="wrk and iperf3 not installed")
+def test_quick_mode_with_wrk_and_iperf3(tmp_path: Path) -> None:
+    proc = run_bench(tmp_path, "--load", "tools", "--pairs", "direct,sidecar", "--no-resume")
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    text, data = results(tmp_path)
+    assert data["backends"]["bulk"] == "iperf3"
+    for pair in ("direct", "sidecar"):
+        assert_measured(data, text, pair)
+
+
+def test_interrupted_run_leaves_nothing_behind(tmp_path: Path) -> None:
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--quick", "--pairs", "sidecar", "--out", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen: set[int] = set()
+    tmp_dirs: set[str] = set()
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and bench.poll() is None:
+            for pid in _descendants(bench.pid):
+                seen.add(pid)
+                tmp_dirs |= set(re.findall(r"/\S*sidecar-bench-[^/\s]+", _cmdline(pid)))
+            if any("-m sidecar run" in _cmdline(pid) for pid in seen):
+                break
+            time.sleep(0.05)
+        assert tmp_dirs, "the bench never started a sidecar"
+        bench.send_signal(signal.SIGINT)
+        _, err = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    assert bench.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+    alive = [pid for pid in seen if _alive(pid)]
+    assert not alive, [(_cmdline(pid), pid) for pid in alive]
+    assert not [d for d in tmp_dirs if Path(d).exists()]
+    assert not list(tmp_path.glob("*.md"))  # no half report
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return state[state.rfind(")") + 2] != "Z"
+
+
+# -- the parsers, on recorded output -------------------------------------------------------------
+
+WRK_OUT = """Running 1s test @ http://127.0.0.1:8080/
+  1 threads and 8 connections
+BENCH {"requests": 12345, "duration_us": 1000000, "bytes": 1, "connect_errors": 0, "read_errors": 2, \
+"write_errors": 0, "status_errors": 0, "timeouts": 1, "p50_us": 250, "p99_us": 1500, "max_us": 9000}
+"""
+
+
+def test_parse_wrk() -> None:
+    r = load.parse_wrk(WRK_OUT)
+    assert (r.requests, r.rate, r.p50_ms, r.p99_ms, r.errors) == (12345, 12345.0, 0.25, 1.5, 3)
+    with pytest.raises(BenchError):
+        load.parse_wrk("unable to connect to 127.0.0.1:1 Connection refused", 1)
+
+
+def test_parse_iperf3() -> None:
+    out = json.dumps({"end": {"sum_received": {"bytes": 1_000_000_000, "seconds": 2.0}}})
+    assert load.parse_iperf3(out).gbps == 4.0
+    with pytest.raises(BenchError):
+        load.parse_iperf3(json.dumps({"error": "unable to connect to server"}), 1)
+
+
+def test_parse_server_logs() -> None:
+    sidecar = (
+        '{"logger":"sidecar.access","direction":"inbound","outcome":"ok","tls_version":"TLSv1.3",'
+        '"cipher":"TLS_AES_128_GCM_SHA256"}\n'
+        '{"logger":"sidecar.access","direction":"inbound","outcome":"tls_error"}\n'
+    )
+    assert pairs.parse_sidecar(sidecar) == [pairs.Handshake("TLSv1.3", "TLS_AES_128_GCM_SHA256", None)]
+    haproxy = "bench TLSv1.3 TLS_AES_128_GCM_SHA256 1\nbench TLSv1.3 TLS_AES_128_GCM_SHA256 0\n"
+    assert [h.resumed for h in pairs.parse_haproxy(haproxy)] == [True, False]
+    nginx = "bench TLSv1.3 TLS_AES_128_GCM_SHA256 r\nbench TLSv1.3 TLS_AES_128_GCM_SHA256 .\nbench   .\n"
+    assert [h.resumed for h in pairs.parse_nginx(nginx)] == [True, False]
+    stunnel = """\
+2026.01.01 00:00:00 LOG5[0]: Service [http] accepted connection from 127.0.0.1:1
+2026.01.01 00:00:00 LOG5[0]: Certificate accepted at depth=0: CN=client
+2026.01.01 00:00:00 LOG5[0]: Connection closed: 810 byte(s) sent to TLS, 79 byte(s) sent to socket
+2026.01.01 00:00:00 LOG5[1]: Service [http] accepted connection from 127.0.0.1:2
+2026.01.01 00:00:00 LOG5[1]: Connection closed: 810 byte(s) sent to TLS, 79 byte(s) sent to socket
+2026.01.01 00:00:00 LOG5[2]: Service [http] accepted connection from 127.0.0.1:3
+2026.01.01 00:00:00 LOG3[2]: SSL_accept: peer did not return a certificate
+2026.01.01 00:00:00 LOG5[2]: Connection reset/closed: 0 byte(s) sent to TLS, 0 byte(s) sent to socket
+2026.01.01 00:00:00 LOG6[3]: TLS accepted: previous session reused
+2026.01.01 00:00:00 LOG6[3]: TLSv1.3 ciphersuite: TLS_AES_128_GCM_SHA256 (128-bit encryption)
+2026.01.01 00:00:00 LOG5[3]: Connection closed: 810 byte(s) sent to TLS, 79 byte(s) sent to socket
+"""
+    assert pairs.parse_stunnel(stunnel) == [
+        pairs.Handshake(None, None, False),
+        pairs.Handshake(None, None, True),
+        pairs.Handshake("TLSv1.3", "TLS_AES_128_GCM_SHA256", True),
+    ]
