@@ -99,6 +99,11 @@ class FlowBackends:
         self.flood = Backend(self._flood)
         self.down_sock = unlistened_socket()  # refuses, until a test listens on it
         self.dead_sock = unlistened_socket()  # refuses for good
+        # accept queue full: connecting there hangs until connect_timeout
+        self.blackhole = socket.socket()
+        self.blackhole.bind(("127.0.0.1", 0))
+        self.blackhole.listen(0)
+        self.blackhole_filler = socket.create_connection(self.blackhole.getsockname())
 
     def _stall(self, conn: socket.socket) -> None:
         self.release.wait(60)
@@ -117,6 +122,8 @@ class FlowBackends:
         self.flood.close()
         self.down_sock.close()
         self.dead_sock.close()
+        self.blackhole_filler.close()
+        self.blackhole.close()
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +142,9 @@ def pair(
         "flood": flow.flood.address,
         "down": f"127.0.0.1:{flow.down_sock.getsockname()[1]}",
         "dead": f"127.0.0.1:{flow.dead_sock.getsockname()[1]}",
+        "blackhole": f"127.0.0.1:{flow.blackhole.getsockname()[1]}",
     }
-    limits = {"handshake_timeout": "2s", "connect_timeout": "2s"}
+    limits = {"handshake_timeout": "2s", "connect_timeout": "500ms"}
     inbound, outbound = start_pair(tmp_path_factory.mktemp("flow"), ca, forwards, limits=limits)
     yield inbound, outbound
     try:
@@ -214,7 +222,8 @@ def test_forward_to_closed_port_is_upstream_error_and_sidecar_keeps_serving(
     frontend = ca.leaf("frontend")
     conn = tls_client(inbound.port("down"), frontend, ca.ca_file)
     try:
-        conn.sendall(b"is the app up?")
+        # (the client sends nothing: bytes racing a close already made would draw a TCP reset;
+        # test_upstream_timeout_closes_client_cleanly_after_it_wrote covers a client that wrote)
         try:
             assert conn.recv() == b""
         except ConnectionResetError:
@@ -237,12 +246,33 @@ def test_upstream_error_closes_client_tls_with_close_notify(
     inbound, _ = pair
     conn = tls_client(inbound.port("dead"), ca.leaf("frontend"), ca.ca_file)
     try:
-        conn.sendall(b"anyone?")
         assert conn.recv() == b""
         assert conn.clean_eof is True  # a TLS close_notify, not just a TCP FIN
     finally:
         conn.close()
     assert inbound.wait_access(1, "dead")[-1]["outcome"] == "upstream_error"
+
+
+def test_upstream_timeout_closes_client_cleanly_after_it_wrote(
+    pair: tuple[SidecarProcess, SidecarProcess], ca: CertFactory
+) -> None:
+    # The dial hangs until connect_timeout, so the client's request (headers, then body) is surely
+    # in before the sidecar gives up; the close_notify comes first in the stream either way.
+    inbound, _ = pair
+    conn = tls_client(inbound.port("blackhole"), ca.leaf("frontend"), ca.ca_file)
+    try:
+        conn.sendall(b"POST / HTTP/1.1\r\nHost: orders\r\nContent-Length: 4\r\n\r\n")
+        time.sleep(0.1)
+        conn.sendall(b"body")
+        try:
+            assert conn.recv() == b""
+        except ConnectionResetError:
+            pytest.fail("the client's connection was reset instead of closed")
+        assert conn.clean_eof is True
+    finally:
+        conn.close()
+    rec = inbound.wait_access(1, "blackhole")[-1]
+    assert rec["outcome"] == "upstream_error" and "timed out" in rec["reason"]
 
 
 def _echo_once(sock: socket.socket) -> None:

@@ -8,6 +8,8 @@ arrives afterwards), so "the upstream received none of the app's bytes" is obser
 from __future__ import annotations
 
 import contextlib
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,11 +46,18 @@ class Upstreams:
         # a port that refuses connections until a test starts a server on it
         self.closed_sock = unlistened_socket()
         self.closed_port = self.closed_sock.getsockname()[1]
+        # a port whose accept queue is full: connecting there hangs (until connect_timeout)
+        self.blackhole = socket.socket()
+        self.blackhole.bind(("127.0.0.1", 0))
+        self.blackhole.listen(0)
+        self.blackhole_filler = socket.create_connection(self.blackhole.getsockname())
 
     def close(self) -> None:
         for server in (self.good, self.stranger, self.rogue, self.wrong_name):
             server.close()
         self.closed_sock.close()
+        self.blackhole_filler.close()
+        self.blackhole.close()
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +91,9 @@ def outbound(
                 listener("hostname", f"localhost:{upstreams.good.port}", None),
                 listener("wrongname", f"localhost:{upstreams.wrong_name.port}", None),
                 listener("closed", f"127.0.0.1:{upstreams.closed_port}", orders_only),
+                listener("blackhole", f"127.0.0.1:{upstreams.blackhole.getsockname()[1]}", orders_only),
             ],
-            "limits": {"handshake_timeout": "2s", "connect_timeout": "2s"},
+            "limits": {"handshake_timeout": "2s", "connect_timeout": "500ms"},
         },
     )
     sc = start_sidecar(cfg)
@@ -168,8 +178,8 @@ def test_closed_upstream_port_is_upstream_error_and_listener_keeps_serving(
 ) -> None:
     port = outbound.port("closed")
     with plain_connect(port) as s:
-        s.sendall(b"anyone there?")
         s.settimeout(10)
+        # (the app sends nothing: bytes racing a close that was already made would draw a TCP reset)
         try:
             assert s.recv(100) == b""  # closed, no answer
         except ConnectionResetError:
@@ -183,6 +193,33 @@ def test_closed_upstream_port_is_upstream_error_and_listener_keeps_serving(
     assert server.plaintext() == b"now?"
     records = outbound.wait_access(2, "closed")
     assert records[1]["outcome"] == "ok"
+
+
+@pytest.mark.xfail(
+    reason="a connection that ends before streaming is closed with the app's bytes unread in the socket, "
+    "so Linux sends RST (ECONNRESET) instead of FIN; needs a lingering close (write_eof, read and discard "
+    "until EOF or a short deadline, then close)",
+    strict=True,
+)
+def test_upstream_connect_timeout_closes_app_cleanly_after_it_wrote(
+    outbound: SidecarProcess, upstreams: Upstreams
+) -> None:
+    # The app's request is surely in before the failure (the dial hangs until connect_timeout),
+    # written in two parts (headers, then body) so that some of it is still unread when the sidecar
+    # gives up: closing a socket with unread bytes makes Linux answer with a reset, not a close.
+    with plain_connect(outbound.port("blackhole")) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: billing\r\nContent-Length: 4\r\n\r\n")
+        time.sleep(0.1)
+        s.sendall(b"body")
+        s.settimeout(10)
+        try:
+            assert s.recv(100) == b""
+        except ConnectionResetError:
+            pytest.fail("the app's connection was reset instead of closed")
+    [rec] = outbound.wait_access(1, "blackhole")
+    assert rec["outcome"] == "upstream_error"
+    assert "timed out" in rec["reason"]
+    assert rec["bytes_to_upstream"] == 0
 
 
 def test_big_app_write_to_refused_upstream_leaks_nothing(outbound: SidecarProcess, upstreams: Upstreams) -> None:
