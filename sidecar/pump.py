@@ -28,6 +28,7 @@ from typing import Any, cast
 READ_SIZE = 256 * 1024
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+LINGER_SECONDS = 2.0
 
 
 class Leg(asyncio.Protocol):
@@ -55,6 +56,8 @@ class Leg(asyncio.Protocol):
         self._peer_full = False
         self._reading_paused = False
         self.lost = False
+        self._lingering = False
+        self._linger_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -69,6 +72,8 @@ class Leg(asyncio.Protocol):
             self._handshake()  # client side speaks first
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # closing: what the far end still sends is read only to be dropped
         if self.tls is None:
             self._deliver(data)
             return
@@ -81,6 +86,8 @@ class Leg(asyncio.Protocol):
         self._read_tls()
 
     def eof_received(self) -> bool:
+        if self._lingering:
+            return False  # the far end has finished too: close now
         if not self.handshake_done:
             self.conn.leg_failed(self, ConnectionResetError("peer closed the connection during the handshake"))
             return False
@@ -89,6 +96,9 @@ class Leg(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         self.conn.leg_lost(self, exc)
 
     def pause_writing(self) -> None:
@@ -147,11 +157,28 @@ class Leg(asyncio.Protocol):
         self._update_reading()
 
     def close(self) -> None:
-        """Close after flushing; a TLS leg past its handshake says close_notify first (RFC 8446 6.1)."""
-        if self.transport is not None and not self.transport.is_closing():
-            if self.tls is not None and self.handshake_done and not self.lost:
-                self.send_eof()
-            self.transport.close()  # flushes what is buffered first
+        """Close gracefully: flush, say end of data, and linger until the far end has finished too.
+
+        A TLS leg past its handshake sends close_notify first (RFC 8446 6.1). Closing a socket that
+        still has unread bytes makes the kernel answer with a reset, which can destroy a response the
+        far end has not read yet; so while the far end may still be sending, we send FIN, read and
+        drop until its FIN or ``LINGER_SECONDS`` (as nginx's lingering_close does), then close.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.lost or self._lingering:
+            return
+        if self.tls is not None and not self.handshake_done:
+            transport.close()
+            return
+        self.send_eof()
+        if self.read_eof or not transport.can_write_eof():
+            transport.close()  # flushes what is buffered first
+            return
+        self._lingering = True
+        self._held.clear()
+        self.peer = None
+        transport.resume_reading()
+        self._linger_timer = self.conn.loop.call_later(LINGER_SECONDS, transport.close)
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -228,7 +255,7 @@ class Leg(asyncio.Protocol):
 
     def _update_reading(self) -> None:
         transport = self.transport
-        if transport is None or self.lost:
+        if transport is None or self.lost or self._lingering:
             return
         paused = self._peer_full or (self.handshake_done and self.peer is None)
         if paused != self._reading_paused:

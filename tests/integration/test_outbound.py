@@ -195,22 +195,24 @@ def test_closed_upstream_port_is_upstream_error_and_listener_keeps_serving(
     assert records[1]["outcome"] == "ok"
 
 
-@pytest.mark.xfail(
-    reason="a connection that ends before streaming is closed with the app's bytes unread in the socket, "
-    "so Linux sends RST (ECONNRESET) instead of FIN; needs a lingering close (write_eof, read and discard "
-    "until EOF or a short deadline, then close)",
-    strict=True,
-)
 def test_upstream_connect_timeout_closes_app_cleanly_after_it_wrote(
     outbound: SidecarProcess, upstreams: Upstreams
 ) -> None:
-    # The app's request is surely in before the failure (the dial hangs until connect_timeout),
-    # written in two parts (headers, then body) so that some of it is still unread when the sidecar
-    # gives up: closing a socket with unread bytes makes Linux answer with a reset, not a close.
+    # The app's request (headers, then a 1 MiB body, as much as the sockets take) is in before the
+    # failure (the dial hangs until connect_timeout); the sidecar reads at most one chunk of it
+    # before streaming, so the rest is unread when it gives up, and closing a socket with unread
+    # bytes makes Linux answer with a reset, not a close.
+    body = b"x" * (1 << 20)
     with plain_connect(outbound.port("blackhole")) as s:
-        s.sendall(b"POST / HTTP/1.1\r\nHost: billing\r\nContent-Length: 4\r\n\r\n")
-        time.sleep(0.1)
-        s.sendall(b"body")
+        s.sendall(b"POST / HTTP/1.1\r\nHost: billing\r\nContent-Length: %d\r\n\r\n" % len(body))
+        s.setblocking(False)
+        sent, deadline = 0, time.monotonic() + 0.3
+        while sent < len(body) and time.monotonic() < deadline:
+            try:
+                sent += s.send(body[sent:])
+            except BlockingIOError:
+                time.sleep(0.01)
+        s.setblocking(True)
         s.settimeout(10)
         try:
             assert s.recv(100) == b""
