@@ -649,3 +649,22 @@ def doubler_handler(conn: socket.socket) -> None:
     """Answers every byte with two, so the bytes each way differ and are known exactly."""
     while data := conn.recv(65536):
         conn.sendall(data * 2)
+
+
+class BlackHole:
+    """A loopback port whose accept queue is full: connecting there hangs until the dialer gives up."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self._filler = socket.create_connection(("127.0.0.1", self.port))  # takes the one queue slot
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._filler.close()
+        self.sock.close()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 from support import (
     Backend,
+    BlackHole,
     CertFactory,
     CertFiles,
     SidecarProcess,
@@ -99,11 +100,7 @@ class FlowBackends:
         self.flood = Backend(self._flood)
         self.down_sock = unlistened_socket()  # refuses, until a test listens on it
         self.dead_sock = unlistened_socket()  # refuses for good
-        # accept queue full: connecting there hangs until connect_timeout
-        self.blackhole = socket.socket()
-        self.blackhole.bind(("127.0.0.1", 0))
-        self.blackhole.listen(0)
-        self.blackhole_filler = socket.create_connection(self.blackhole.getsockname())
+        self.blackhole = BlackHole()  # connecting there hangs until connect_timeout
 
     def _stall(self, conn: socket.socket) -> None:
         self.release.wait(60)
@@ -122,7 +119,6 @@ class FlowBackends:
         self.flood.close()
         self.down_sock.close()
         self.dead_sock.close()
-        self.blackhole_filler.close()
         self.blackhole.close()
 
 
@@ -142,7 +138,7 @@ def pair(
         "flood": flow.flood.address,
         "down": f"127.0.0.1:{flow.down_sock.getsockname()[1]}",
         "dead": f"127.0.0.1:{flow.dead_sock.getsockname()[1]}",
-        "blackhole": f"127.0.0.1:{flow.blackhole.getsockname()[1]}",
+        "blackhole": flow.blackhole.address,
     }
     limits = {"handshake_timeout": "2s", "connect_timeout": "500ms"}
     inbound, outbound = start_pair(tmp_path_factory.mktemp("flow"), ca, forwards, limits=limits)

@@ -8,7 +8,6 @@ arrives afterwards), so "the upstream received none of the app's bytes" is obser
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 from support import (
     TD,
+    BlackHole,
     CertFactory,
     SidecarProcess,
     TLSServer,
@@ -46,17 +46,12 @@ class Upstreams:
         # a port that refuses connections until a test starts a server on it
         self.closed_sock = unlistened_socket()
         self.closed_port = self.closed_sock.getsockname()[1]
-        # a port whose accept queue is full: connecting there hangs (until connect_timeout)
-        self.blackhole = socket.socket()
-        self.blackhole.bind(("127.0.0.1", 0))
-        self.blackhole.listen(0)
-        self.blackhole_filler = socket.create_connection(self.blackhole.getsockname())
+        self.blackhole = BlackHole()  # connecting there hangs until connect_timeout
 
     def close(self) -> None:
         for server in (self.good, self.stranger, self.rogue, self.wrong_name):
             server.close()
         self.closed_sock.close()
-        self.blackhole_filler.close()
         self.blackhole.close()
 
 
@@ -91,7 +86,7 @@ def outbound(
                 listener("hostname", f"localhost:{upstreams.good.port}", None),
                 listener("wrongname", f"localhost:{upstreams.wrong_name.port}", None),
                 listener("closed", f"127.0.0.1:{upstreams.closed_port}", orders_only),
-                listener("blackhole", f"127.0.0.1:{upstreams.blackhole.getsockname()[1]}", orders_only),
+                listener("blackhole", upstreams.blackhole.address, orders_only),
             ],
             "limits": {"handshake_timeout": "2s", "connect_timeout": "500ms"},
         },
