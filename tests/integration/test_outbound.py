@@ -8,6 +8,7 @@ arrives afterwards), so "the upstream received none of the app's bytes" is obser
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,8 +70,8 @@ def outbound(
     folder: Path = tmp_path_factory.mktemp("outbound")
     orders_only = [f"{TD}/orders"]
 
-    def listener(name: str, upstream: str, server_identity: list[str] | None) -> dict[str, object]:
-        spec: dict[str, object] = {"name": name, "listen": "127.0.0.1:0", "upstream": upstream}
+    def listener(name: str, upstream: str, server_identity: list[str] | None, **extra: str) -> dict[str, object]:
+        spec: dict[str, object] = {"name": name, "listen": "127.0.0.1:0", "upstream": upstream, **extra}
         if server_identity is not None:
             spec["server_identity"] = server_identity
         return spec
@@ -87,6 +88,10 @@ def outbound(
                 listener("wrongname", f"localhost:{upstreams.wrong_name.port}", None),
                 listener("closed", f"127.0.0.1:{upstreams.closed_port}", orders_only),
                 listener("blackhole", upstreams.blackhole.address, orders_only),
+                # an IP upstream verified by the name given as sni
+                listener("sni_ok", upstreams.good.address, None, sni="localhost"),
+                listener("sni_bad", upstreams.good.address, None, sni="elsewhere.example"),
+                listener("v6", upstreams.good.address, orders_only, listen="[::1]:0"),
             ],
             "limits": {"handshake_timeout": "2s", "connect_timeout": "500ms"},
         },
@@ -166,6 +171,28 @@ def test_hostname_verification_refuses_cert_without_the_name(outbound: SidecarPr
     session = last_session(upstreams.wrong_name, 1)
     assert session.error is not None
     assert bytes(session.raw_after_failure) == b"" and bytes(session.plaintext) == b""
+
+
+def test_sni_names_the_upstream_for_hostname_verification(outbound: SidecarProcess, upstreams: Upstreams) -> None:
+    assert app_exchange(outbound.port("sni_ok"), b"sni") == b"sni"
+    assert outbound.wait_access(1, "sni_ok")[-1]["outcome"] == "ok"
+    n = len(upstreams.good.sessions)
+    assert app_exchange(outbound.port("sni_bad"), b"sni") == b""
+    rec = outbound.wait_access(1, "sni_bad")[-1]
+    assert rec["outcome"] == "tls_error"
+    assert rec["handshake_error"] == "hostname_mismatch"
+    assert all(b"sni" not in bytes(x.plaintext) for x in upstreams.good.sessions[n:])
+
+
+def test_ipv6_listener(outbound: SidecarProcess, upstreams: Upstreams) -> None:
+    host, port = outbound.bound["v6"]
+    assert host == "::1"
+    with socket.create_connection(("::1", port), timeout=10) as s:
+        s.sendall(b"over v6")
+        assert recv_exactly(s, 7) == b"over v6"
+    [rec] = outbound.wait_access(1, "v6")
+    assert rec["outcome"] == "ok"
+    assert rec["client"].startswith("[::1]:")
 
 
 def test_closed_upstream_port_is_upstream_error_and_listener_keeps_serving(
