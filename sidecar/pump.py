@@ -300,6 +300,7 @@ class Connection:
         down, up = self.down, self.up
         assert down is not None and up is not None
         self.streaming = True
+        down.peer, up.peer = up, down  # both first: a write below may already call pause_writing
         down.start_streaming(up)
         up.start_streaming(down)
 
