@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--quick", action="store_true", help="seconds, one repetition: proves every pair works")
     mode.add_argument("--target", metavar="HOST:PORT", help="measure your own HTTP service behind a sidecar pair")
     p.add_argument("--pairs", help=f"comma-separated subset of {','.join(ALL_PAIRS)} (default: all installed)")
-    p.add_argument("--reps", type=int, help="repetitions (default 3; quick 1)")
-    p.add_argument("--duration", type=float, help="seconds per workload (default 5; quick 0.3)")
+    p.add_argument("--reps", type=int, help="repetitions (default 5; quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per workload (default 3; quick 0.3)")
     p.add_argument(
         "--load",
         choices=("auto", "tools", "python"),
@@ -40,13 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrk + iperf3, or the pure-Python client (auto: tools, except python for --quick)",
     )
     p.add_argument("--no-resume", action="store_true", help="skip the peers' resumption-on variants")
-    p.add_argument("--threads", type=int, help="wrk threads (default 2)")
-    p.add_argument("--connections", type=int, help="keep-alive connections (default 50)")
+    p.add_argument("--threads", type=int, help="wrk threads (default 1)")
+    p.add_argument("--connections", type=int, help="keep-alive connections (default 32)")
     p.add_argument("--new-connections", type=int, help="concurrent connections for the new-connection load (16)")
     p.add_argument("--idle", type=int, help="idle connections for the memory figure (default 1000)")
     p.add_argument("--path", default="/", help="--target: the request path (default /)")
     p.add_argument("--out", type=Path, help="output folder (default bench/results; quick and target: .../tmp)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temporary folder (configs, logs)")
+    p.add_argument("--render", type=Path, metavar="JSON", help="only rewrite the .md and .png of a results .json")
     return p
 
 
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         with sigterm_as_interrupt():
+            if args.render:
+                return render(args.render)
             if args.target:
                 from . import target
 
@@ -132,6 +135,20 @@ def run(args: argparse.Namespace) -> int:
     for path in written:
         print(f"bench: wrote {path}", file=sys.stderr)
     return 1 if bench.failures else 0
+
+
+def render(path: Path) -> int:
+    """Re-render a run's markdown and chart from its JSON (after a change to the report's layout)."""
+    import json
+
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"--render: cannot read {path}: {exc}") from None
+    results["ratios"] = report.ratios(results["summary"])
+    for path_written in report.write(results, path.parent, path.stem):
+        print(f"bench: wrote {path_written}", file=sys.stderr)
+    return 0
 
 
 def _used_tools(settings: Settings) -> set[str]:

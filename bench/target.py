@@ -41,9 +41,9 @@ def main(args: argparse.Namespace) -> int:
         require_tools_wrk(found)
     reps = args.reps or 3
     duration = args.duration or 5.0
-    ka_conns = args.connections or 50
+    ka_conns = args.connections or 32
     nc_conns = args.new_connections or 16
-    threads = args.threads or 2
+    threads = args.threads or 1
     host_header = args.target
     request = load.request(args.path, host_header)
     samples: dict[str, dict[str, list[float]]] = {"direct": {}, "sidecar": {}}
