@@ -12,7 +12,7 @@ our sidecar does, so nobody saves the cost of logging.
 
 Client-side session resumption is each peer's default; ``resume=False`` turns it off
 (``no-ssl-reuse``, ``proxy_ssl_session_reuse off``, ``sessionResume = no``). Our sidecar has no
-resumption yet: ``Sidecar.resumption`` is False and its resumed variant is reported as n/a.
+resumption through ``tls.session_resumption`` on its client side, measured like the peers.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import yaml
 from . import certs as certs_mod
 from .backends import Backends, nginx_argv
 from .certs import Certs
-from .procs import BenchError, Proc, Procs, free_port, wait_listening
+from .procs import Proc, Procs, free_port, wait_listening
 from .tools import Tools
 
 ROUTES = ("http", "bulk")
@@ -124,14 +124,17 @@ class Direct(Pair):
 
 class Sidecar(Pair):
     name = "sidecar"
-    resumption = False  # set True, and pass the setting in ``_client_config``, once the sidecar resumes
+    resumption = True  # the client side's tls.session_resumption; the server side issues tickets either way
 
     def start(self, ctx: Ctx, *, resume: bool, verbose: bool = False) -> Running:
-        if resume:
-            raise BenchError("the sidecar has no TLS session resumption yet")
         d = ctx.procs.folder(f"sidecar-{free_port()}")
         tls_server = {"cert": str(ctx.certs.server.cert), "key": str(ctx.certs.server.key), "ca": str(ctx.certs.ca)}
-        tls_client = {"cert": str(ctx.certs.client.cert), "key": str(ctx.certs.client.key), "ca": str(ctx.certs.ca)}
+        tls_client = {
+            "cert": str(ctx.certs.client.cert),
+            "key": str(ctx.certs.client.key),
+            "ca": str(ctx.certs.ca),
+            "session_resumption": resume,
+        }
         limits = {"max_connections": 20000, "idle_timeout": IDLE_TIMEOUT, "drain_timeout": "1s"}
         server_cfg = {
             "tls": tls_server,
@@ -167,7 +170,7 @@ class Sidecar(Pair):
         client_ports = _ready_ports(client)
         return Running(
             self.name,
-            False,
+            resume,
             client_ports["http"],
             client_ports["bulk"],
             server_ports["http"],
@@ -204,7 +207,7 @@ def parse_sidecar(text: str) -> list[Handshake]:
         except json.JSONDecodeError:
             continue
         if rec.get("direction") == "inbound" and rec.get("outcome") == "ok":
-            out.append(Handshake(rec.get("tls_version"), rec.get("cipher"), None))
+            out.append(Handshake(rec.get("tls_version"), rec.get("cipher"), rec.get("resumed")))
     return out
 
 

@@ -39,10 +39,14 @@ class Address:
 
 @dataclass(frozen=True)
 class TLSFiles:
+    """The ``tls`` section: the watched files, and whether TLS 1.3 sessions may be resumed."""
+
     cert: Path
     key: Path
     ca: Path
     crl: Path | None = None
+    session_resumption: bool = True
+    session_lifetime: float = 3600.0
 
     def paths(self) -> tuple[Path, ...]:
         return tuple(p for p in (self.cert, self.key, self.ca, self.crl) if p is not None)
@@ -183,7 +187,9 @@ def parse_address(value: Any, where: str) -> Address:
 
 
 def _tls(value: Any, where: str, base_dir: Path) -> TLSFiles:
-    m = _mapping(value, where, required={"cert", "key", "ca"}, optional={"crl"})
+    m = _mapping(
+        value, where, required={"cert", "key", "ca"}, optional={"crl", "session_resumption", "session_lifetime"}
+    )
 
     def path(key: str) -> Path:
         raw = m[key]
@@ -192,8 +198,19 @@ def _tls(value: Any, where: str, base_dir: Path) -> TLSFiles:
         p = Path(raw).expanduser()
         return p if p.is_absolute() else base_dir / p
 
+    resumption = m.get("session_resumption", True)
+    if not isinstance(resumption, bool):
+        raise ConfigError(f"{where}.session_resumption: expected true or false, got {resumption!r}")
+    lifetime = parse_duration(m.get("session_lifetime", "1h"), f"{where}.session_lifetime")
+    if lifetime <= 0 or lifetime > 7 * 86400:
+        raise ConfigError(f"{where}.session_lifetime: must be more than 0 and at most 7 days (RFC 8446 4.6.1)")
     return TLSFiles(
-        cert=path("cert"), key=path("key"), ca=path("ca"), crl=path("crl") if m.get("crl") is not None else None
+        cert=path("cert"),
+        key=path("key"),
+        ca=path("ca"),
+        crl=path("crl") if m.get("crl") is not None else None,
+        session_resumption=resumption,
+        session_lifetime=lifetime,
     )
 
 

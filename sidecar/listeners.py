@@ -93,9 +93,38 @@ class OutboundListener(Listener):
     def __init__(self, spec: Outbound, store: TLSStore, limits: Limits, metrics: ListenerMetrics) -> None:
         super().__init__(spec.name, spec.listen, store, limits, metrics)
         self.spec = spec
+        self.sessions = SessionCache(store.files.session_lifetime if store.files.session_resumption else 0.0)
 
     def new_connection(self, loop: asyncio.AbstractEventLoop) -> ProxyConnection:
         return OutboundConnection(self, loop)
+
+
+class SessionCache:
+    """The newest TLS 1.3 session from one upstream, to resume the next handshake with.
+
+    A session is used only with the very context that made it, so a reload (new contexts) drops it;
+    it is stored only after the upstream's identity was accepted, and it is not used past
+    ``lifetime`` seconds or its own ticket lifetime. ``lifetime`` 0 turns resumption off.
+    """
+
+    def __init__(self, lifetime: float) -> None:
+        self.lifetime = lifetime
+        self._ctx: ssl.SSLContext | None = None
+        self._session: ssl.SSLSession | None = None
+
+    def get(self, ctx: ssl.SSLContext) -> ssl.SSLSession | None:
+        session = self._session
+        if session is None or self._ctx is not ctx:
+            return None
+        age = time.time() - session.time
+        if age > min(self.lifetime, session.timeout):
+            self._session = None
+            return None
+        return session
+
+    def put(self, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> None:
+        if self.lifetime > 0 and session is not None and session.has_ticket:
+            self._ctx, self._session = ctx, session
 
 
 class _Refuse(asyncio.Protocol):
@@ -139,6 +168,7 @@ class ProxyConnection(Connection):
         self.cipher: str | None = None
         self.client = "-"
         self.handshake_error: str | None = None
+        self.resumed = False
         self._timer: asyncio.TimerHandle | None = None
         self._dial_task: asyncio.Task[None] | None = None
         self._handshake_started = 0.0
@@ -162,7 +192,8 @@ class ProxyConnection(Connection):
         self.handshake_error = reason
         self.metrics.handshake_failed(reason)
 
-    def handshake_finished(self, leg: Leg) -> None:
+    def handshake_finished(self, leg: Leg) -> bool:
+        """Record the handshake; False when the connection was refused here."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -171,7 +202,15 @@ class ProxyConnection(Connection):
         self.tls_version = leg.tls.version()
         cipher = leg.tls.cipher()
         self.cipher = cipher[0] if cipher else None
-        self.peer = from_peercert(leg.tls.getpeercert())
+        self.resumed = leg.tls.session_reused
+        cert = leg.tls.getpeercert()
+        self.peer = from_peercert(cert)
+        if self.resumed and cert and ssl.cert_time_to_seconds(str(cert["notAfter"])) < time.time():
+            # a ticket can outlive the certificate it was issued for: that peer must handshake anew
+            self.handshake_failed("expired")
+            self.refuse("tls_error", "resumed a session of a certificate that has expired since", leg)
+            return False
+        return True
 
     def dial(self, target: Address, make_leg: Callable[[], Leg]) -> None:
         self._dial_task = self.loop.create_task(self._dial(target, make_leg))
@@ -266,6 +305,7 @@ class ProxyConnection(Connection):
             duration_ms=round(duration * 1000, 3),
             tls_version=self.tls_version,
             cipher=self.cipher,
+            resumed=self.resumed,
         )
 
 
@@ -287,7 +327,8 @@ class InboundConnection(ProxyConnection):
             self.start_streaming()
 
     def leg_handshake(self, leg: Leg) -> None:
-        self.handshake_finished(leg)
+        if not self.handshake_finished(leg):
+            return
         assert self.peer is not None
         if not is_allowed(self.peer, self.spec.allow):
             self.refuse("denied", f"identity {self.peer.describe()} is not in allow", leg)
@@ -312,11 +353,15 @@ class OutboundConnection(ProxyConnection):
         self.spec = listener.spec
         self.down = Leg(self)
         spec = self.spec
-        ctx = listener.store.material.client_ctx(verify_hostname=spec.server_identity is None)
+        self.sessions = listener.sessions
+        self.ctx = ctx = listener.store.material.client_ctx(verify_hostname=spec.server_identity is None)
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         server_hostname = spec.sni or (None if _is_ip(spec.upstream.host) else spec.upstream.host)
-        sslobj = ctx.wrap_bio(incoming, outgoing, server_side=False, server_hostname=server_hostname)
+        sslobj = ctx.wrap_bio(
+            incoming, outgoing, server_side=False, server_hostname=server_hostname, session=self.sessions.get(ctx)
+        )
         self.up = Leg(self, tls=sslobj, incoming=incoming, outgoing=outgoing)
+        self._session_saved = False
 
     def leg_connected(self, leg: Leg) -> None:
         if leg is self.down:
@@ -328,13 +373,33 @@ class OutboundConnection(ProxyConnection):
             self.arm_handshake_timer()
 
     def leg_handshake(self, leg: Leg) -> None:
-        self.handshake_finished(leg)
+        if not self.handshake_finished(leg):
+            return
         assert self.peer is not None
         patterns = self.spec.server_identity
         if patterns is not None and not is_allowed(self.peer, patterns):
             self.refuse("denied", f"upstream identity {self.peer.describe()} is not in server_identity", leg)
             return
         self.start_streaming()
+
+    def save_session(self) -> None:
+        """Keep the upstream's ticket (it arrives just after the handshake) for the next connection."""
+        up = self.up
+        if self._session_saved or not self.streaming or up is None or up.tls is None:
+            return
+        session = up.tls.session
+        if session is not None and session.has_ticket:
+            self.sessions.put(self.ctx, session)
+            self._session_saved = True
+
+    def tick(self, now: float) -> None:
+        self.save_session()
+        super().tick(now)
+
+    def ended(self) -> None:
+        if self.outcome == "ok":
+            self.save_session()
+        super().ended()
 
     def on_lost_before_streaming(self, leg: Leg, exc: Exception | None) -> None:
         if leg is self.up and not leg.handshake_done:
