@@ -285,10 +285,12 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
     lines += metric_tables(results)
     lines += [
         "",
-        "¹ our sidecar has no TLS session resumption yet: every connection is a full handshake. "
-        'Peers were measured with client-side resumption off (their columns without "resumed") and on.',
+        'Every proxied pair was measured with client-side session resumption off (the columns without "resumed") '
+        "and on.",
         "",
     ]
+    if any(p.get("resume_status") == "n/a" for p in results["pairs"].values()):
+        lines[-2:-1] = ["¹ this pair cannot resume sessions: every connection is a full handshake."]
     lines += ratio_tables(results)
     lines += ["", "**Checks before measuring, and the negotiated middle hop:**", ""]
     rows = []
@@ -431,7 +433,7 @@ def _bars(ax: Any, results: dict[str, Any], pairs: list[str], keys: list[str], r
         ax.text(
             x,
             bottom * 1.1,
-            "n/a (no resumption yet)",
+            "n/a (cannot resume)",
             rotation=90,
             ha="center",
             va="bottom",

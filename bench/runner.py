@@ -89,7 +89,7 @@ class Bench:
             if pair.resumption:
                 variants.append(Variant(pair, True, ("newconn",)))
             else:
-                reason = f"the {name} has no TLS session resumption yet"
+                reason = f"the {name} cannot resume TLS sessions"
                 self.info[f"{name}+resume"] = {"status": "n/a", "reason": reason}
         return variants
 

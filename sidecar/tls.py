@@ -168,7 +168,7 @@ def load_material(files: TLSFiles, generation: int = 1, *, now: datetime | None 
         # TLS 1.3 tickets are sealed with keys random to this context: a reload (new contexts)
         # makes every ticket issued before it useless, so a resumed peer always resumes trust
         # material that is still current.
-        server.num_tickets = 2 if files.session_resumption else 0
+        server.num_tickets = 1 if files.session_resumption else 0
         client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
         client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
         client_i.check_hostname = False  # identity is checked against server_identity after the handshake

@@ -550,6 +550,20 @@ def start_pair(
     return inbound, outbound
 
 
+@contextlib.contextmanager
+def running_pair(
+    folder: Path, ca: CertFactory, forwards: dict[str, str], *, limits: dict[str, Any] | None = None
+) -> Iterator[tuple[SidecarProcess, SidecarProcess]]:
+    """``start_pair``; on the way out both must drain and exit 0 (and are killed either way)."""
+    inbound, outbound = start_pair(folder, ca, forwards, limits=limits)
+    try:
+        yield inbound, outbound
+        assert outbound.stop() == 0
+        assert inbound.stop() == 0
+    finally:
+        kill(inbound, outbound)
+
+
 def kill(*procs: SidecarProcess) -> None:
     """Kill sidecars still running (test teardown)."""
     for sc in procs:

@@ -20,9 +20,8 @@ from support import (
     CertFactory,
     SidecarProcess,
     echo_handler,
-    kill,
     plain_connect,
-    start_pair,
+    running_pair,
     tls_client,
     wait_for,
 )
@@ -107,13 +106,8 @@ def pair(
         "answer": backends.answer.address,
         "reverse": backends.reverse.address,
     }
-    inbound, outbound = start_pair(tmp_path_factory.mktemp("pair"), ca, forwards)
-    yield inbound, outbound
-    try:
-        assert outbound.stop() == 0
-        assert inbound.stop() == 0
-    finally:
-        kill(inbound, outbound)
+    with running_pair(tmp_path_factory.mktemp("pair"), ca, forwards) as pair:
+        yield pair
 
 
 def test_32_mib_each_way_at_once_arrives_intact(

@@ -29,7 +29,7 @@ from support import (
     echo_handler,
     kill,
     plain_connect,
-    start_pair,
+    running_pair,
     start_sidecar,
     tls_client,
     tls_connect,
@@ -141,13 +141,8 @@ def pair(
         "blackhole": flow.blackhole.address,
     }
     limits = {"handshake_timeout": "2s", "connect_timeout": "500ms"}
-    inbound, outbound = start_pair(tmp_path_factory.mktemp("flow"), ca, forwards, limits=limits)
-    yield inbound, outbound
-    try:
-        assert outbound.stop() == 0
-        assert inbound.stop() == 0
-    finally:
-        kill(inbound, outbound)
+    with running_pair(tmp_path_factory.mktemp("flow"), ca, forwards, limits=limits) as pair:
+        yield pair
 
 
 # -- flow control --------------------------------------------------------------------------------
