@@ -24,6 +24,7 @@ from .pump import Connection, Leg, peer_address, ssl_error_text
 from .tls import TLSStore
 
 log = logging.getLogger("sidecar.listener")
+SESSION_REFRESH_SECONDS = 60.0
 
 
 class Listener:
@@ -121,6 +122,17 @@ class SessionCache:
             self._session = None
             return None
         return session
+
+    def wants(self, ctx: ssl.SSLContext) -> bool:
+        """Whether a new session is worth fetching: reading ``SSLObject.session`` copies the whole
+        session (CPython serialises it, peer chain included), so the newest one is refreshed at most
+        every ``REFRESH`` seconds (stateless TLS 1.3 tickets can be resumed more than once)."""
+        if self.lifetime <= 0:
+            return False
+        session = self._session
+        if session is None or self._ctx is not ctx:
+            return True
+        return time.time() - session.time > min(self.lifetime / 2, SESSION_REFRESH_SECONDS)
 
     def put(self, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> None:
         if self.lifetime > 0 and session is not None and session.has_ticket:
@@ -386,6 +398,9 @@ class OutboundConnection(ProxyConnection):
         """Keep the upstream's ticket (it arrives just after the handshake) for the next connection."""
         up = self.up
         if self._session_saved or not self.streaming or up is None or up.tls is None:
+            return
+        if not self.sessions.wants(self.ctx):
+            self._session_saved = True  # nothing to do for this connection
             return
         session = up.tls.session
         if session is not None and session.has_ticket:
