@@ -239,7 +239,7 @@ def _outbound(value: Any, where: str) -> Outbound:
     sni = m.get("sni")
     if sni is not None and (not isinstance(sni, str) or not sni.strip()):
         raise ConfigError(f"{where}.sni: expected a host name, got {sni!r}")
-    if server_identity is None and _is_ip(upstream.host) and sni is None:
+    if server_identity is None and is_ip(upstream.host) and sni is None:
         raise ConfigError(
             f"{where}.server_identity: required when upstream is an IP address "
             "(hostname verification needs a name; or set sni to the name the upstream's cert carries)"
@@ -351,7 +351,8 @@ def _wrap(fn: Callable[[Any], T], value: Any, where: str) -> T:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address rather than a name."""
     try:
         ipaddress.ip_address(host)
     except ValueError:

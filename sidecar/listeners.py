@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Callable
 
 from . import tlserrors
-from .config import Address, Inbound, Limits, Outbound
+from .config import Address, Inbound, Limits, Outbound, is_ip
 from .identity import PeerIdentity, from_peercert, is_allowed
 from .logs import ACCESS, event
 from .metrics import ListenerMetrics
 from .pump import Connection, Leg, peer_address, ssl_error_text
 from .tls import TLSStore
 
-log = logging.getLogger("sidecar.listener")
 SESSION_REFRESH_SECONDS = 60.0
 
 
@@ -63,7 +61,7 @@ class Listener:
     def _accept(self) -> asyncio.Protocol:
         loop = asyncio.get_running_loop()
         if len(self.active) >= self.limits.max_connections:
-            return _Refuse(self, loop)
+            return _Refuse(self)
         conn = self.new_connection(loop)
         self.active.add(conn)
         assert conn.down is not None
@@ -142,7 +140,7 @@ class SessionCache:
 class _Refuse(asyncio.Protocol):
     """Over ``max_connections``: close at once, count, log."""
 
-    def __init__(self, listener: Listener, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, listener: Listener) -> None:
         self.listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -368,7 +366,7 @@ class OutboundConnection(ProxyConnection):
         self.sessions = listener.sessions
         self.ctx = ctx = listener.store.material.client_ctx(verify_hostname=spec.server_identity is None)
         incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        server_hostname = spec.sni or (None if _is_ip(spec.upstream.host) else spec.upstream.host)
+        server_hostname = spec.sni or (None if is_ip(spec.upstream.host) else spec.upstream.host)
         sslobj = ctx.wrap_bio(
             incoming, outgoing, server_side=False, server_hostname=server_hostname, session=self.sessions.get(ctx)
         )
@@ -422,11 +420,3 @@ class OutboundConnection(ProxyConnection):
             self.finish("upstream_error", "upstream closed during handshake")
         else:
             self.finish("ok", "client closed before streaming")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except OSError:
-        return False
-    return True
