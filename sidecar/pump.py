@@ -205,6 +205,8 @@ class Leg(asyncio.Protocol):
     def _read_tls(self) -> None:
         tls = self.tls
         assert tls is not None
+        incoming = self._in
+        assert incoming is not None
         chunks: list[bytes] = []
         try:
             while True:
@@ -212,6 +214,8 @@ class Leg(asyncio.Protocol):
                 if not chunk:  # close_notify: the far end finished sending (CPython returns b"")
                     raise ssl.SSLZeroReturnError
                 chunks.append(chunk)
+                if not incoming.pending and not tls.pending():
+                    break  # all consumed: skip the read that would only raise SSLWantReadError
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:  # close_notify, once we sent ours too
