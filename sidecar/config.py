@@ -10,11 +10,11 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
@@ -25,7 +25,6 @@ DEFAULT_CONFIG = Path("config/sidecar.yaml")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -334,7 +333,10 @@ def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
 
 
 def _pattern(value: Any, where: str) -> Pattern:
-    return _wrap(parse_pattern, value, where)
+    try:
+        return parse_pattern(value)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _dialable(value: Any, where: str) -> Address:
@@ -342,13 +344,6 @@ def _dialable(value: Any, where: str) -> Address:
     if addr.port == 0:
         raise ConfigError(f"{where}: port 0 cannot be dialed")
     return addr
-
-
-def _wrap(fn: Callable[[Any], T], value: Any, where: str) -> T:
-    try:
-        return fn(value)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
 
 
 def is_ip(host: str) -> bool:

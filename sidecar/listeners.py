@@ -183,7 +183,6 @@ class ProxyConnection(Connection):
         self._dial_task: asyncio.Task[None] | None = None
         self._handshake_started = 0.0
         self._flushed = (0, 0)
-        self._last_counts = (0, 0)
         self._idle_since = loop.time()
         self.metrics.active.inc()
 
@@ -268,10 +267,7 @@ class ProxyConnection(Connection):
 
     def tick(self, now: float) -> None:
         """Periodic: publish byte counts, enforce ``idle_timeout``."""
-        self._flush_bytes()
-        counts = (self.bytes_to_upstream, self.bytes_to_downstream)
-        if counts != self._last_counts:
-            self._last_counts = counts
+        if self._flush_bytes():
             self._idle_since = now
         elif (
             self.streaming
@@ -281,13 +277,18 @@ class ProxyConnection(Connection):
         ):
             self.finish("timeout", "idle_timeout")
 
-    def _flush_bytes(self) -> None:
+    def _flush_bytes(self) -> bool:
+        """Publish the bytes moved since the last flush; True when any moved."""
         up, down = self.bytes_to_upstream, self.bytes_to_downstream
+        moved = False
         if up != self._flushed[0]:
             self.metrics.to_upstream.inc(up - self._flushed[0])
+            moved = True
         if down != self._flushed[1]:
             self.metrics.to_downstream.inc(down - self._flushed[1])
+            moved = True
         self._flushed = (up, down)
+        return moved
 
     def ended(self) -> None:
         self.listener.active.discard(self)
