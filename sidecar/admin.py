@@ -98,11 +98,14 @@ class AdminServer:
 
     async def metrics(self, request: web.Request) -> web.Response:
         store = self.sidecar.store
-        self.sidecar.metrics.observe_state(
-            ready=not self.sidecar.not_ready_reasons(), material=store.material if store.loaded else None
-        )
-        # Synchronous CPU work, proportional to the number of series: small and bounded (metrics.py).
-        body = generate_latest(self.sidecar.metrics.registry)
+        metrics = self.sidecar.metrics
+        assert metrics is not None  # only a worker has none, and a worker runs no admin server
+        material = store.material if store.loaded else None
+        metrics.observe_state(ready=not self.sidecar.not_ready_reasons(), material=material)
+        if metrics.reads_files:  # a supervisor sums its workers' files: off the event loop
+            body = await asyncio.to_thread(generate_latest, metrics.registry)
+        else:  # CPU work proportional to the number of series: small and bounded (metrics.py)
+            body = generate_latest(metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"})
 
     async def certs(self, request: web.Request) -> web.Response:

@@ -22,6 +22,7 @@ from .errors import ConfigError
 from .identity import Pattern, parse_pattern
 
 DEFAULT_CONFIG = Path("config/sidecar.yaml")
+MAX_WORKERS = 64
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -96,6 +97,7 @@ class Config:
     admin: Admin | None = None
     limits: Limits = field(default_factory=Limits)
     log: Log = field(default_factory=Log)
+    workers: int = 1  # processes serving the listeners; ``auto`` in YAML is the number of cores
     source: Path | None = None
 
 
@@ -124,7 +126,7 @@ def load(path: Path) -> Config:
 
 
 def parse(data: Any, *, base_dir: Path, source: Path | None = None) -> Config:
-    top = _mapping(data, "", required={"tls"}, optional={"inbound", "outbound", "admin", "limits", "log"})
+    top = _mapping(data, "", required={"tls"}, optional={"inbound", "outbound", "admin", "limits", "log", "workers"})
     cfg = Config(
         tls=_tls(top["tls"], "tls", base_dir),
         inbound=tuple(_inbound(v, f"inbound[{i}]") for i, v in enumerate(_list(top.get("inbound", []), "inbound"))),
@@ -134,6 +136,7 @@ def parse(data: Any, *, base_dir: Path, source: Path | None = None) -> Config:
         admin=_admin(top["admin"], "admin") if top.get("admin") is not None else None,
         limits=_limits(top.get("limits") or {}, "limits"),
         log=_log(top.get("log") or {}, "log"),
+        workers=_workers(top.get("workers", 1), "workers"),
         source=source,
     )
     if not cfg.inbound and not cfg.outbound:
@@ -283,6 +286,14 @@ def _limits(value: Any, where: str) -> Limits:
         max_connections=max_conn,
         drain_timeout=dur("drain_timeout", d.drain_timeout, zero_ok=True),
     )
+
+
+def _workers(value: Any, where: str) -> int:
+    if value == "auto":
+        return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"{where}: expected a whole number from 1 to {MAX_WORKERS} or 'auto', got {value!r}")
+    return value
 
 
 def _log(value: Any, where: str) -> Log:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from .pump import Connection, Leg, peer_address, ssl_error_text
 from .tls import TLSStore
 
 SESSION_REFRESH_SECONDS = 60.0
+BACKLOG = 4096
 
 
 class Listener:
@@ -37,26 +40,58 @@ class Listener:
         self.limits = limits
         self.metrics = metrics
         self.active: set[ProxyConnection] = set()
-        self.server: asyncio.Server | None = None
+        self.servers: list[asyncio.Server] = []
+        self.shares: list[list[socket.socket]] = []  # a supervisor's: the sockets its workers serve
         self.on_closed: Callable[[], None] = lambda: None
 
-    async def start(self) -> None:
+    async def start(self, sockets: list[socket.socket] | None = None) -> None:
+        """Listen on ``listen``, or serve ``sockets`` bound by a supervisor (``bind_shares``)."""
         loop = asyncio.get_running_loop()
-        host = self.listen.host or None
-        self.server = await loop.create_server(
-            self._accept, host, self.listen.port, reuse_address=True, backlog=4096, start_serving=True
-        )
+        if sockets is None:
+            host = self.listen.host or None
+            server = await loop.create_server(
+                self._accept, host, self.listen.port, reuse_address=True, backlog=BACKLOG, start_serving=True
+            )
+            self.servers = [server]
+            return
+        for sock in sockets:
+            self.servers.append(await loop.create_server(self._accept, sock=sock, backlog=BACKLOG))
+
+    async def bind_shares(self, count: int) -> list[list[socket.socket]]:
+        """Bind ``count`` listening sockets on the same address with SO_REUSEPORT, one share per worker.
+
+        The kernel spreads new connections over them. Each share may hold an IPv4 and an IPv6
+        socket (when ``listen`` names no host). This process never accepts on them; it keeps them
+        so that a restarted worker can serve the same share.
+        """
+        loop = asyncio.get_running_loop()
+        host, port = self.listen.host or None, self.listen.port
+        for _ in range(count):
+            server = await loop.create_server(
+                self._accept, host, port, reuse_address=True, reuse_port=True, backlog=BACKLOG, start_serving=False
+            )
+            socks = [socket.socket(fileno=os.dup(s.fileno())) for s in server.sockets]
+            server.close()
+            for sock in socks:
+                sock.listen(BACKLOG)  # connections queue from now on, before a worker is up
+            port = socks[0].getsockname()[1]  # "port 0": every share takes the port the first got
+            self.shares.append(socks)
+        return self.shares
 
     @property
     def bound(self) -> Address | None:
-        if self.server is None or not self.server.sockets:
-            return None
-        host, port = self.server.sockets[0].getsockname()[:2]
-        return Address(host, port)
+        for sockets in [list(server.sockets) for server in self.servers] + self.shares:
+            if sockets:
+                host, port = sockets[0].getsockname()[:2]
+                return Address(host, port)
+        return None
 
     def stop_accepting(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
+        for sock in (sock for share in self.shares for sock in share):
+            sock.close()
+        self.shares = []
 
     def _accept(self) -> asyncio.Protocol:
         loop = asyncio.get_running_loop()

@@ -15,7 +15,16 @@ from typing import Any
 ACCESS = logging.getLogger("sidecar.access")
 
 
-class JSONFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.extra: dict[str, Any] = {} if worker is None else {"worker": worker}
+
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        return {**self.extra, **getattr(record, "fields", {})}
+
+
+class JSONFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -23,16 +32,16 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        out.update(getattr(record, "fields", {}))
+        out.update(self.fields(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, separators=(",", ":"))
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
-        fields = " ".join(f"{k}={_text(v)}" for k, v in getattr(record, "fields", {}).items())
+        fields = " ".join(f"{k}={_text(v)}" for k, v in self.fields(record).items())
         line = f"{ts} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
         if fields:
             line += " " + fields
@@ -46,9 +55,10 @@ def _text(value: Any) -> str:
     return json.dumps(s) if (" " in s or not s) else s
 
 
-def setup(level: str = "info", fmt: str = "json") -> None:
+def setup(level: str = "info", fmt: str = "json", *, worker: int | None = None) -> None:
+    """Log to stderr; in a worker process of ``workers: N`` every line carries ``worker``."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JSONFormatter(worker) if fmt == "json" else TextFormatter(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

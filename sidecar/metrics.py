@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__
 from .tlserrors import REASONS
@@ -24,10 +25,16 @@ HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 
-class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+class DataMetrics:
+    """The families the data path writes: connections, bytes, handshakes, durations.
+
+    With several workers each worker process holds these (values shared through
+    ``PROMETHEUS_MULTIPROC_DIR``, prometheus_client's multiprocess mode) and the supervisor reads
+    the sum; ``sidecar_active_connections`` sums the live workers only.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
         self.connections = Counter(
             "sidecar_connections_total",
             "Connections handled, counted when they end, by outcome.",
@@ -35,7 +42,11 @@ class Metrics:
             registry=r,
         )
         self.active = Gauge(
-            "sidecar_active_connections", "Connections open now.", ["listener", "direction"], registry=r
+            "sidecar_active_connections",
+            "Connections open now.",
+            ["listener", "direction"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.bytes = Counter(
             "sidecar_bytes_total",
@@ -56,15 +67,6 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
-        self.cert_expiry = Gauge(
-            "sidecar_cert_expiry_timestamp_seconds",
-            "Expiry (not_after) of the loaded certificate, as a Unix timestamp.",
-            ["cert"],
-            registry=r,
-        )
-        self.cert_reloads = Counter(
-            "sidecar_cert_reloads_total", "Certificate reload attempts by result.", ["result"], registry=r
-        )
         self.upstream_connect_seconds = Histogram(
             "sidecar_upstream_connect_seconds",
             "Time to open the TCP connection to the upstream or forward address.",
@@ -78,6 +80,35 @@ class Metrics:
             ["listener", "direction"],
             buckets=DURATION_BUCKETS,
             registry=r,
+        )
+
+    def for_listener(self, name: str, direction: str) -> ListenerMetrics:
+        return ListenerMetrics(self, name, direction)
+
+
+class Metrics(DataMetrics):
+    """Everything ``/metrics`` serves: the data-path families plus the process's state.
+
+    ``workers_dir`` set (the supervisor of several workers): the data-path families come from the
+    workers' files there, and this process's own data-path objects, which never count anything,
+    stay out of the served registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, workers_dir: str | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.reads_files = workers_dir is not None
+        super().__init__(CollectorRegistry() if workers_dir is not None else self.registry)
+        if workers_dir is not None:
+            MultiProcessCollector(self.registry, path=workers_dir)  # type: ignore[no-untyped-call]
+        r = self.registry
+        self.cert_expiry = Gauge(
+            "sidecar_cert_expiry_timestamp_seconds",
+            "Expiry (not_after) of the loaded certificate, as a Unix timestamp.",
+            ["cert"],
+            registry=r,
+        )
+        self.cert_reloads = Counter(
+            "sidecar_cert_reloads_total", "Certificate reload attempts by result.", ["result"], registry=r
         )
         self.cert_loaded = Gauge(
             "sidecar_cert_loaded_timestamp_seconds",
@@ -109,14 +140,11 @@ class Metrics:
             self.cert_expiry.labels(cert="ca").set(min(ca.not_after.timestamp() for ca in material.ca_infos))
         self.cert_loaded.set(material.loaded_at)
 
-    def for_listener(self, name: str, direction: str) -> ListenerMetrics:
-        return ListenerMetrics(self, name, direction)
-
 
 class ListenerMetrics:
     """One listener's label-bound metric children."""
 
-    def __init__(self, m: Metrics, name: str, direction: str) -> None:
+    def __init__(self, m: DataMetrics, name: str, direction: str) -> None:
         self.name = name
         self.direction = direction
         self.active = m.active.labels(listener=name, direction=direction)

@@ -14,15 +14,22 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
 
 from . import openssl_conf_in_effect
 from .config import Config
 from .errors import CertificateError, SidecarError
 from .listeners import InboundListener, Listener, OutboundListener
 from .logs import event
-from .metrics import Metrics
+from .metrics import DataMetrics, Metrics
 from .tls import Material, TLSStore
 from .watch import CertWatcher
+from .workers import WorkerPool
+
+if TYPE_CHECKING:
+    from .worker import WorkerChannel
 
 log = logging.getLogger("sidecar")
 TICK_SECONDS = 1.0
@@ -30,19 +37,37 @@ EXPIRY_WARNING_FRACTION = 0.1
 
 
 class Sidecar:
-    def __init__(self, cfg: Config, metrics: Metrics | None = None) -> None:
+    """One sidecar process in one of three roles.
+
+    - alone (``workers: 1``): everything in this process;
+    - supervisor (``workers: N``): TLS loading, admin, file watching and the listening sockets,
+      with ``pool`` running the workers that proxy;
+    - worker (``channel`` given): proxies on sockets and TLS material handed over by its
+      supervisor; no admin server, no watching, no signals but SIGTERM.
+    """
+
+    def __init__(self, cfg: Config, metrics: Metrics | None = None, *, channel: WorkerChannel | None = None) -> None:
         self.cfg = cfg
-        self.metrics = metrics if metrics is not None else Metrics()
-        self.store = TLSStore(cfg.tls, on_reload=self._count_reload)
+        self.channel = channel
+        self.pool = WorkerPool(cfg) if channel is None and cfg.workers > 1 else None
+        if metrics is None and channel is None:
+            metrics = Metrics(workers_dir=self.pool.metrics_dir if self.pool else None)
+        self.metrics = metrics  # what /metrics serves; a worker's own counts go to its supervisor's
+        data: DataMetrics = metrics if metrics is not None else DataMetrics(CollectorRegistry())
+        self.store = TLSStore(
+            cfg.tls,
+            on_reload=self._count_reload if channel is None else None,
+            before_publish=self.pool.push if self.pool is not None else None,
+        )
         self.store.listeners.append(self._on_material)
         self.watcher = CertWatcher(cfg.tls.paths(), self._reload_quietly)
         self._expiry_warned: int | None = None
         self.listeners: list[Listener] = []
         for spec in cfg.inbound:
-            metrics_i = self.metrics.for_listener(spec.name, "inbound")
+            metrics_i = data.for_listener(spec.name, "inbound")
             self.listeners.append(InboundListener(spec, self.store, cfg.limits, metrics_i))
         for spec_o in cfg.outbound:
-            metrics_o = self.metrics.for_listener(spec_o.name, "outbound")
+            metrics_o = data.for_listener(spec_o.name, "outbound")
             self.listeners.append(OutboundListener(spec_o, self.store, cfg.limits, metrics_o))
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -71,20 +96,29 @@ class Sidecar:
                 "the sidecar's OpenSSL settings are not in effect "
                 "(OPENSSL_CONF set by the operator, or ssl imported first): TLS 1.3 groups are OpenSSL's defaults",
             )
+        if self.channel is not None:
+            await self.start_worker(self.channel)
+            return
         loaded_fp = await self.watcher.current()
         await self.store.load()
         self.watcher.mark_loaded(loaded_fp)
         for start, _stop in self.services:
             await start()
         counters = {"inbound": 0, "outbound": 0}
+        shares = []
         for listener in self.listeners:
             index = counters[listener.direction]
             counters[listener.direction] += 1
             try:
-                await listener.start()
+                if self.pool is not None:
+                    shares.append(await listener.bind_shares(self.pool.count))
+                else:
+                    await listener.start()
             except OSError as exc:
                 where = f"{listener.direction}[{index}].listen"
                 raise SidecarError(f"{where}: cannot listen on {listener.listen}: {exc.strerror or exc}") from None
+        if self.pool is not None:
+            await self.pool.start(shares, self.store.material)
         self._spawn(self._ticker())
         self._spawn(self.watcher.run())
         self.started = True
@@ -95,7 +129,16 @@ class Sidecar:
             "ready",
             identity=ident.summary(),
             listeners={lst.name: str(lst.bound) for lst in self.listeners},
+            workers=self.cfg.workers,
         )
+
+    async def start_worker(self, channel: WorkerChannel) -> None:
+        await self.store.load(channel.source)
+        for index, listener in enumerate(self.listeners):
+            await listener.start(channel.sockets(index))
+        self._spawn(self._ticker())
+        self._spawn(channel.serve(self))
+        self.started = True
 
     async def run(self) -> None:
         """Start, serve until asked to stop, drain."""
@@ -105,7 +148,7 @@ class Sidecar:
         except BaseException:
             await self.close_listeners_and_services()
             raise
-        with _signals(loop, self.request_stop, self.force_stop, self.request_reload):
+        with _signals(loop, self.request_stop, self.force_stop, self.request_reload, worker=self.channel is not None):
             await self._stop.wait()
             await self.drain()
 
@@ -117,6 +160,8 @@ class Sidecar:
         self._forced = True
         self._stop.set()
         self._closed.set()
+        if self.pool is not None and self.draining:
+            self._spawn(self.pool.force())
 
     async def _all_closed(self) -> None:
         while self.active_connections() and not self._forced:
@@ -134,6 +179,14 @@ class Sidecar:
         self.draining = True
         for listener in self.listeners:
             listener.stop_accepting()
+        if self.pool is not None:
+            event(log, logging.INFO, "draining", workers=self.pool.count, drain_timeout_s=self.cfg.limits.drain_timeout)
+            if self._forced:
+                self._spawn(self.pool.force())
+            await self.pool.stop(self.cfg.limits.drain_timeout)
+            await self.close_listeners_and_services()
+            event(log, logging.INFO, "stopped")
+            return
         open_now = self.active_connections()
         event(log, logging.INFO, "draining", open_connections=open_now, drain_timeout_s=self.cfg.limits.drain_timeout)
         with contextlib.suppress(TimeoutError):
@@ -156,10 +209,11 @@ class Sidecar:
         for _start, stop in reversed(self.services):
             with contextlib.suppress(Exception):
                 await stop()
-        for listener in self.listeners:
-            if listener.server is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(listener.server.wait_closed(), 1.0)
+        if self.pool is not None:
+            await self.pool.close()
+        for server in (server for listener in self.listeners for server in listener.servers):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
 
     # -- state for the admin server and tests ------------------------------------------------
 
@@ -173,6 +227,8 @@ class Sidecar:
         for listener in self.listeners:
             if listener.bound is None:
                 reasons.append(f"listener {listener.name} is not bound")
+        if self.pool is not None:
+            reasons.extend(self.pool.not_ready())
         if not self.store.loaded:
             reasons.append("identity certificate not loaded")
         else:
@@ -185,7 +241,8 @@ class Sidecar:
         return reasons
 
     async def reload(self) -> Material:
-        """Reload TLS material now (raises ``CertificateError``, old material kept)."""
+        """Reload TLS material now (raises ``CertificateError``, old material kept); with workers,
+        done once every worker serves it too (a worker that could not is logged and named)."""
         return await self.store.reload()
 
     # -- internals ---------------------------------------------------------------------------
@@ -208,14 +265,16 @@ class Sidecar:
         return True
 
     def _count_reload(self, ok: bool, error: str | None) -> None:
-        self.metrics.cert_reloads.labels(result="ok" if ok else "error").inc()
+        if self.metrics is not None:
+            self.metrics.cert_reloads.labels(result="ok" if ok else "error").inc()
         if ok:
             event(log, logging.INFO, "certificates reloaded", identity=self.store.material.identity.summary())
         else:
             event(log, logging.ERROR, "certificate reload failed; keeping the material in use", error=error)
 
     def _on_material(self, material: Material) -> None:
-        self.metrics.cert_expiry.labels(cert="identity").set(material.identity.not_after.timestamp())
+        if self.metrics is not None:
+            self.metrics.cert_expiry.labels(cert="identity").set(material.identity.not_after.timestamp())
 
     async def _ticker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -224,7 +283,8 @@ class Sidecar:
             now = loop.time()
             for listener in self.listeners:
                 listener.tick(now)
-            self._warn_if_expiring()
+            if self.channel is None:
+                self._warn_if_expiring()  # the supervisor warns for its workers
 
     def _warn_if_expiring(self) -> None:
         """Warn once per loaded certificate when less than ``EXPIRY_WARNING_FRACTION`` of its life is left."""
@@ -249,9 +309,17 @@ class Sidecar:
 
 @contextlib.contextmanager
 def _signals(
-    loop: asyncio.AbstractEventLoop, stop: Callable[[], None], force: Callable[[], None], reload: Callable[[], None]
+    loop: asyncio.AbstractEventLoop,
+    stop: Callable[[], None],
+    force: Callable[[], None],
+    reload: Callable[[], None],
+    *,
+    worker: bool = False,
 ) -> Iterator[None]:
-    """SIGTERM/SIGINT drain; a second SIGINT stops waiting for connections; SIGHUP reloads certificates."""
+    """SIGTERM/SIGINT drain; a second SIGINT stops waiting for connections; SIGHUP reloads certificates.
+
+    A worker answers SIGTERM only: its supervisor relays the rest over the control channel.
+    """
     interrupted = False
 
     def on_int() -> None:
@@ -261,7 +329,9 @@ def _signals(
         interrupted = True
         stop()
 
-    handlers = {signal.SIGTERM: stop, signal.SIGINT: on_int, signal.SIGHUP: reload}
+    handlers = {signal.SIGTERM: stop}
+    if not worker:
+        handlers.update({signal.SIGINT: on_int, signal.SIGHUP: reload})
     for sig, fn in handlers.items():
         loop.add_signal_handler(sig, fn)
     try:

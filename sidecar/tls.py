@@ -13,8 +13,8 @@ import os
 import ssl
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -73,6 +73,9 @@ class Material:
     ca_infos: tuple[CertInfo, ...]
     loaded_at: float
     generation: int
+    # The files' bytes as read, by path: how a supervisor hands the very same generation to its
+    # workers. Holds the private key: never logged, never in a repr.
+    source: Mapping[Path, bytes] = field(repr=False, compare=False, default_factory=dict)
 
     def client_ctx(self, *, verify_hostname: bool) -> ssl.SSLContext:
         return self.client_ctx_hostname if verify_hostname else self.client_ctx_identity
@@ -95,8 +98,15 @@ class Material:
 class TLSStore:
     """Holds the current ``Material``; ``reload`` swaps it only when the new files are good."""
 
-    def __init__(self, files: TLSFiles, *, on_reload: Callable[[bool, str | None], None] | None = None) -> None:
+    def __init__(
+        self,
+        files: TLSFiles,
+        *,
+        on_reload: Callable[[bool, str | None], None] | None = None,
+        before_publish: Callable[[Material], Awaitable[object]] | None = None,
+    ) -> None:
         self.files = files
+        self._before_publish = before_publish  # a supervisor hands new material to its workers first
         self._material: Material | None = None
         self._on_reload = on_reload
         self._lock = asyncio.Lock()
@@ -115,24 +125,27 @@ class TLSStore:
     def loaded(self) -> bool:
         return self._material is not None
 
-    async def load(self) -> Material:
+    async def load(self, source: Mapping[Path, bytes] | None = None) -> Material:
         """First load: like ``reload`` but a failure is fatal to the caller."""
-        material = await asyncio.to_thread(load_material, self.files, 1)
+        material = await asyncio.to_thread(load_material, self.files, 1, source=source)
         self._publish(material)
         return material
 
-    async def reload(self) -> Material:
-        """Re-read every file; publish on success, keep the old material and raise on failure."""
+    async def reload(self, source: Mapping[Path, bytes] | None = None) -> Material:
+        """Re-read every file (or take their bytes from ``source``); publish on success, keep the
+        old material and raise on failure."""
         async with self._lock:
             generation = self._material.generation + 1 if self._material else 1
             try:
-                material = await asyncio.to_thread(load_material, self.files, generation)
+                material = await asyncio.to_thread(load_material, self.files, generation, source=source)
             except CertificateError as exc:
                 self.reloads_error += 1
                 self.last_error = str(exc)
                 if self._on_reload:
                     self._on_reload(False, str(exc))
                 raise
+            if self._before_publish is not None:
+                await self._before_publish(material)
             self.reloads_ok += 1
             self.last_error = None
             self._publish(material)
@@ -146,16 +159,26 @@ class TLSStore:
             listener(material)
 
 
-def load_material(files: TLSFiles, generation: int = 1, *, now: datetime | None = None) -> Material:
-    """Read, validate and build contexts (blocking: run it in a thread)."""
-    chain = _read_certs(files.cert, "certificate")
-    key = _read_key(files.key)
+def load_material(
+    files: TLSFiles,
+    generation: int = 1,
+    *,
+    now: datetime | None = None,
+    source: Mapping[Path, bytes] | None = None,
+) -> Material:
+    """Read, validate and build contexts (blocking: run it in a thread).
+
+    ``source``: the files' bytes already read (by the supervisor), instead of reading the disk.
+    """
+    read = _Reader(source)
+    chain = _read_certs(read(files.cert, "certificate"), files.cert, "certificate")
+    key = _read_key(read(files.key, "key"), files.key)
     leaf = chain[0]
     if _public_bytes(key) != _public_bytes(leaf):
         raise CertificateError(f"key file '{files.key}' does not match certificate '{files.cert}'")
     _check_validity(leaf, files.cert, now or datetime.now(UTC))
-    cas = _read_certs(files.ca, "CA bundle")
-    crl_pem = _read_crls(files.crl) if files.crl is not None else None
+    cas = _read_certs(read(files.ca, "CA bundle"), files.ca, "CA bundle")
+    crl_pem = _read_crls(read(files.crl, "CRL"), files.crl) if files.crl is not None else None
 
     cert_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
     key_pem = key.private_bytes(
@@ -182,6 +205,7 @@ def load_material(files: TLSFiles, generation: int = 1, *, now: datetime | None 
         ca_infos=tuple(CertInfo.of(c) for c in cas),
         loaded_at=time.time(),
         generation=generation,
+        source=read.seen,
     )
 
 
@@ -200,15 +224,28 @@ def _context(protocol: ssl._SSLMethod, pair: str, ca_pem: bytes, crl: str | None
     return ctx
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise CertificateError(f"reading {what} file '{path}': {exc.strerror or exc}") from None
+class _Reader:
+    """Reads each file once, from ``source`` when given, and remembers what it read."""
+
+    def __init__(self, source: Mapping[Path, bytes] | None) -> None:
+        self.source = source
+        self.seen: dict[Path, bytes] = {}
+
+    def __call__(self, path: Path, what: str) -> bytes:
+        if self.source is not None:
+            if path not in self.source:
+                raise CertificateError(f"{what} file '{path}': not among the files handed over")
+            data = self.source[path]
+        else:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise CertificateError(f"reading {what} file '{path}': {exc.strerror or exc}") from None
+        self.seen[path] = data
+        return data
 
 
-def _read_certs(path: Path, what: str) -> list[x509.Certificate]:
-    data = _read(path, what)
+def _read_certs(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
@@ -218,8 +255,7 @@ def _read_certs(path: Path, what: str) -> list[x509.Certificate]:
     return certs
 
 
-def _read_key(path: Path) -> PrivateKeyTypes:
-    data = _read(path, "key")
+def _read_key(data: bytes, path: Path) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -228,8 +264,7 @@ def _read_key(path: Path) -> PrivateKeyTypes:
         raise CertificateError(f"key file '{path}': {reason}") from None
 
 
-def _read_crls(path: Path) -> bytes:
-    data = _read(path, "CRL")
+def _read_crls(data: bytes, path: Path) -> bytes:
     blocks = [_CRL_BEGIN + part for part in data.split(_CRL_BEGIN)[1:]]
     if not blocks:
         raise CertificateError(f"CRL file '{path}': holds no PEM CRL")

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import Backend, CertFactory, CertFiles, SidecarProcess
+from support import Backend, CertFactory, CertFiles, SidecarProcess, kill
 
 
 @pytest.fixture(scope="session")
@@ -41,10 +41,7 @@ def sidecars() -> Iterator[list[SidecarProcess]]:
     """Append started sidecars here; they are stopped (SIGTERM, then kill) after the test."""
     started: list[SidecarProcess] = []
     yield started
-    for sc in started:
-        if sc.proc.poll() is None:
-            sc.proc.kill()
-            sc.proc.wait()
+    kill(*started)
 
 
 @pytest.fixture

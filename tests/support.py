@@ -166,6 +166,7 @@ def start_sidecar(config: Path, *, env: dict[str, str] | None = None) -> Sidecar
         stdout=log_file,
         stderr=log_file,
         env={**os.environ, **(env or {})},
+        start_new_session=True,  # its own process group: teardown kills its workers too
     )
     log_file.close()
     sc = SidecarProcess(config, proc, log_path)
@@ -505,6 +506,7 @@ def start_pair(
     forwards: dict[str, str],
     *,
     limits: dict[str, Any] | None = None,
+    workers: int = 1,
 ) -> tuple[SidecarProcess, SidecarProcess]:
     """Two sidecars: app -> outbound sidecar (frontend) -> inbound sidecar (orders) -> backend.
 
@@ -522,6 +524,7 @@ def start_pair(
                 for name, addr in forwards.items()
             ],
             "limits": limits or {},
+            "workers": workers,
         },
     )
     inbound = start_sidecar(inbound_cfg)
@@ -540,22 +543,27 @@ def start_pair(
                     for name in forwards
                 ],
                 "limits": limits or {},
+                "workers": workers,
             },
         )
         outbound = start_sidecar(outbound_cfg)
     except BaseException:
-        inbound.proc.kill()
-        inbound.proc.wait()
+        kill(inbound)
         raise
     return inbound, outbound
 
 
 @contextlib.contextmanager
 def running_pair(
-    folder: Path, ca: CertFactory, forwards: dict[str, str], *, limits: dict[str, Any] | None = None
+    folder: Path,
+    ca: CertFactory,
+    forwards: dict[str, str],
+    *,
+    limits: dict[str, Any] | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[SidecarProcess, SidecarProcess]]:
     """``start_pair``; on the way out both must drain and exit 0 (and are killed either way)."""
-    inbound, outbound = start_pair(folder, ca, forwards, limits=limits)
+    inbound, outbound = start_pair(folder, ca, forwards, limits=limits, workers=workers)
     try:
         yield inbound, outbound
         assert outbound.stop() == 0
@@ -565,11 +573,22 @@ def running_pair(
 
 
 def kill(*procs: SidecarProcess) -> None:
-    """Kill sidecars still running (test teardown)."""
+    """Kill sidecars still running, worker processes included (test teardown)."""
     for sc in procs:
-        if sc.proc.poll() is None:
-            sc.proc.kill()
-            sc.proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sc.proc.pid, signal.SIGKILL)
+        sc.proc.wait()
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (a supervisor's workers)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(stat.parent.name))
+    return out
 
 
 # -- the admin server ------------------------------------------------------------------------

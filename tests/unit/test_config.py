@@ -242,6 +242,7 @@ def test_defaults() -> None:
     assert cfg.admin is None
     assert cfg.outbound == ()
     assert cfg.tls.crl is None
+    assert cfg.workers == 1
 
 
 def test_limits_are_parsed() -> None:
@@ -262,6 +263,18 @@ def test_limits_are_parsed() -> None:
 )
 def test_limits_that_cannot_be_zero(key: str, value: Any) -> None:
     assert parse_error(minimal(limits={key: value})).startswith(f"limits.{key}:")
+
+
+@pytest.mark.parametrize("value", [0, -1, 65, "two", 1.5, True, None])
+def test_bad_workers_are_refused(value: Any) -> None:
+    assert parse_error(minimal(workers=value)).startswith("workers: expected a whole number from 1 to 64 or 'auto'")
+
+
+def test_workers_auto_is_the_number_of_cores() -> None:
+    import os
+
+    assert parse(minimal(workers="auto"), base_dir=BASE).workers == max(1, min(os.cpu_count() or 1, 64))
+    assert parse(minimal(workers=3), base_dir=BASE).workers == 3
 
 
 def test_idle_timeout_zero_disables() -> None:

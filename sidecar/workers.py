@@ -1,0 +1,286 @@
+"""Several worker processes behind one sidecar (``workers: N``): the supervisor's side.
+
+The supervisor (the process the operator started) loads the TLS material, runs the admin server,
+watches the certificate files and binds every listener ``N`` times with SO_REUSEPORT, so that the
+kernel spreads new connections over the workers. Each worker is a fresh interpreter
+(``python -m sidecar.worker``) that inherits its share of the listening sockets and one end of a
+socket pair, the control channel, over which it receives its config and the very bytes of the
+TLS files the supervisor validated: every process serves the same generation. A reload in the
+supervisor is pushed to every worker before it counts as done.
+
+Workers write their data-path metrics through prometheus_client's multiprocess mode into a
+private folder; the supervisor's ``/metrics`` reads the sum. A worker that dies is restarted on
+the same sockets (connections the kernel queued for it meanwhile wait in its backlog); a worker
+whose supervisor dies sees its control channel close and drains. Stopping: the supervisor closes
+its copies of the listening sockets and tells each worker to drain; each worker drains as a
+single sidecar would, within ``drain_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import pickle
+import shutil
+import socket
+import struct
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import multiprocess
+
+from .config import Config
+from .errors import SidecarError
+from .logs import event
+from .tls import Material
+
+log = logging.getLogger("sidecar.workers")
+
+START_TIMEOUT = 30.0  # a worker must report ready within this
+PUSH_TIMEOUT = 10.0  # a worker must apply pushed TLS material within this
+STOP_MARGIN = 5.0  # beyond drain_timeout, before a worker that has not exited is killed
+RESTART_DELAY = 1.0
+_HEADER = struct.Struct("!I")
+MAX_MESSAGE = 16 * 1024 * 1024
+
+Message = tuple[Any, ...]
+
+
+# -- the control channel's framing (both sides) ------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """A length-prefixed pickle: both ends are this program, over a private socket pair."""
+    body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(body)) + body
+
+
+async def receive(reader: asyncio.StreamReader) -> Message | None:
+    """The next message, or None once the other side has gone."""
+    try:
+        (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+        if size > MAX_MESSAGE:
+            raise ValueError(f"control message of {size} bytes")
+        msg = pickle.loads(await reader.readexactly(size))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    assert isinstance(msg, tuple)
+    return msg
+
+
+def receive_blocking(sock: socket.socket) -> Message:
+    """The first message, read before the worker's event loop exists."""
+    (size,) = _HEADER.unpack(_recv_exactly(sock, _HEADER.size))
+    msg = pickle.loads(_recv_exactly(sock, size))
+    assert isinstance(msg, tuple)
+    return msg
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = sock.recv(size - len(buf))
+        if not chunk:
+            raise ConnectionError("the supervisor closed the control channel")
+        buf += chunk
+    return bytes(buf)
+
+
+def worker_config(cfg: Config, workers: int) -> Config:
+    """What a worker runs: no admin server of its own; ``max_connections`` split evenly (rounded up)."""
+    share = -(-cfg.limits.max_connections // workers)
+    return dataclasses.replace(
+        cfg, admin=None, workers=1, limits=dataclasses.replace(cfg.limits, max_connections=share)
+    )
+
+
+# -- the supervisor's side -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Slot:
+    index: int
+    pid: int | None = None
+    ready: bool = False
+    writer: asyncio.StreamWriter | None = None
+    replies: asyncio.Queue[Message] = dataclasses.field(default_factory=asyncio.Queue)
+    process: asyncio.subprocess.Process | None = None
+
+
+class WorkerPool:
+    """Starts, feeds, restarts and stops the worker processes of one supervisor."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.count = cfg.workers
+        try:
+            self.metrics_dir = tempfile.mkdtemp(prefix="sidecar-metrics-")
+        except OSError as exc:
+            raise SidecarError(
+                f"workers: {cfg.workers} workers need a writable folder for their metrics "
+                f"(TMPDIR, now {tempfile.gettempdir()}): {exc.strerror or exc}"
+            ) from None
+        self._slots = [_Slot(i) for i in range(self.count)]
+        self._shares: list[list[list[socket.socket]]] = []  # [listener][worker] -> sockets
+        self._material: Material | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._started = asyncio.Event()
+        self._ready_changed = asyncio.Event()
+        self._start_failure: str | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self, shares: list[list[list[socket.socket]]], material: Material) -> None:
+        """Spawn every worker and wait until each has reported ready; a failure is fatal."""
+        self._shares, self._material = shares, material
+        for slot in self._slots:
+            self._tasks.append(asyncio.ensure_future(self._keep_running(slot)))
+        try:
+            await asyncio.wait_for(self._all_ready(), START_TIMEOUT)
+        except TimeoutError:
+            raise SidecarError(f"workers: not every worker was ready within {START_TIMEOUT:.0f} s") from None
+        if self._start_failure is not None:
+            raise SidecarError(self._start_failure)
+        self._started.set()
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Tell every worker to drain; wait for them to exit (killing any that overstays)."""
+        self._stopping = True
+        await self._broadcast(("stop",))
+        procs = [slot.process for slot in self._slots if slot.process is not None]
+        waits = [asyncio.ensure_future(p.wait()) for p in procs]
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=drain_timeout + STOP_MARGIN)
+            for proc in procs:
+                if proc.returncode is None:
+                    event(log, logging.ERROR, "worker did not stop in time; killing it", pid=proc.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+            if late:
+                await asyncio.wait(late)
+        await self.close()
+
+    async def force(self) -> None:
+        """A second SIGINT: workers stop waiting for their open connections."""
+        await self._broadcast(("force",))
+
+    async def close(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for slot in self._slots:
+            if slot.process is not None and slot.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    slot.process.kill()
+                await slot.process.wait()
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    # -- state and reloads ---------------------------------------------------------------------
+
+    def not_ready(self) -> list[str]:
+        return [f"worker {slot.index} is not running" for slot in self._slots if not slot.ready]
+
+    @property
+    def pids(self) -> list[int | None]:
+        return [slot.pid if slot.ready else None for slot in self._slots]
+
+    async def push(self, material: Material) -> list[str]:
+        """Hand ``material`` to every running worker; the problems, one per worker that failed."""
+        self._material = material
+        results = await asyncio.gather(*(self._push_one(slot, material.source) for slot in self._slots))
+        return [problem for problem in results if problem]
+
+    async def _push_one(self, slot: _Slot, source: Mapping[Path, bytes]) -> str | None:
+        if not slot.ready or slot.writer is None:
+            return None  # it takes the newest material when it (re)starts
+        try:
+            slot.writer.write(encode(("tls", source)))
+            reply = await asyncio.wait_for(slot.replies.get(), PUSH_TIMEOUT)
+        except (TimeoutError, ConnectionError) as exc:
+            problem: str | None = f"worker {slot.index}: no answer to the reload ({type(exc).__name__})"
+        else:
+            problem = None if reply[1] is None else f"worker {slot.index}: {reply[1]}"
+        if problem is not None:
+            event(log, logging.ERROR, "worker did not take the new certificates", problem=problem)
+        return problem
+
+    # -- internals ------------------------------------------------------------------------------
+
+    async def _all_ready(self) -> None:
+        while not all(slot.ready for slot in self._slots) and self._start_failure is None:
+            self._ready_changed.clear()
+            await self._ready_changed.wait()
+
+    async def _broadcast(self, msg: Message) -> None:
+        data = encode(msg)
+        for slot in self._slots:
+            if slot.writer is not None and not slot.writer.is_closing():
+                with contextlib.suppress(ConnectionError):
+                    slot.writer.write(data)
+                    await slot.writer.drain()
+
+    async def _keep_running(self, slot: _Slot) -> None:
+        """Run the worker of ``slot``; restart it when it dies, unless the sidecar is stopping."""
+        while True:
+            code = await self._run_once(slot)
+            if self._stopping:
+                return
+            if not self._started.is_set():
+                self._start_failure = f"workers: worker {slot.index} exited with code {code} while starting"
+                self._ready_changed.set()
+                return
+            event(log, logging.ERROR, "worker exited; restarting it", worker=slot.index, exit_code=code)
+            await asyncio.sleep(RESTART_DELAY)
+
+    async def _run_once(self, slot: _Slot) -> int:
+        assert self._material is not None
+        parent, child = socket.socketpair()
+        listen_fds = [[s.fileno() for s in share[slot.index]] for share in self._shares]
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=self.metrics_dir)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "sidecar.worker",
+                str(child.fileno()),
+                pass_fds=[child.fileno(), *(fd for fds in listen_fds for fd in fds)],
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            child.close()
+        slot.process, slot.pid = proc, proc.pid
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        slot.writer = writer
+        slot.replies = asyncio.Queue()
+        try:
+            cfg = worker_config(self.cfg, self.count)
+            writer.write(encode(("start", slot.index, cfg, self._material.source, listen_fds)))
+            while (msg := await receive(reader)) is not None:
+                if msg[0] == "ready":
+                    slot.ready = True
+                    self._ready_changed.set()
+                    event(log, logging.DEBUG, "worker ready", worker=slot.index, pid=proc.pid)
+                elif msg[0] == "tls":
+                    slot.replies.put_nowait(msg)
+            return await proc.wait()
+        finally:
+            slot.ready = False
+            slot.writer = None
+            writer.close()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+            # a dead worker's live gauges (open connections) no longer count; its counters stay
+            multiprocess.mark_process_dead(proc.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
