@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="wrk threads (default 1)")
     p.add_argument("--connections", type=int, help="keep-alive connections (default 32)")
     p.add_argument("--new-connections", type=int, help="concurrent connections for the new-connection load (16)")
+    p.add_argument(
+        "--workers", type=int, help="workers per proxy process: sidecar, nginx and HAProxy alike (default 1)"
+    )
     p.add_argument("--idle", type=int, help="idle connections for the memory figure (default 1000)")
     p.add_argument("--path", default="/", help="--target: the request path (default /)")
     p.add_argument("--out", type=Path, help="output folder (default bench/results; quick and target: .../tmp)")
@@ -97,10 +100,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "ka_connections": args.connections,
         "nc_connections": args.new_connections,
         "idle_connections": args.idle,
+        "workers": args.workers,
     }
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
-    if s.reps < 1 or s.duration <= 0:
-        raise BenchError("--reps and --duration must be positive")
+    if s.reps < 1 or s.duration <= 0 or s.workers < 1:
+        raise BenchError("--reps, --duration and --workers must be positive")
     return s
 
 
@@ -130,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         pair_order=settings.pairs,
         background=bench.background,
     )
-    written = report.write(results, out, date.today().isoformat())
+    stem = date.today().isoformat() + (f"-workers{settings.workers}" if settings.workers > 1 else "")
+    written = report.write(results, out, stem)
     print(report.markdown(results, None))
     for path in written:
         print(f"bench: wrote {path}", file=sys.stderr)

@@ -5,9 +5,9 @@ each as client-side proxy (plain in, TLS 1.3 mTLS out, server verified: chain to
 the name ``localhost`` or the sidecar's SPIFFE ID) -> server-side proxy (TLS 1.3 only, client
 certificate required and verified) -> backend. Same security everywhere: TLS 1.3 only, the same
 suites (``certs.CIPHERSUITES``), the same EC P-256 certificates; key exchange is each OpenSSL
-client's first key share, X25519. Every proxy process runs one worker (nginx
-``worker_processes 1``, HAProxy ``nbthread 1``), as our sidecar runs one event loop; stunnel has
-no such knob (a thread per connection). Every proxy writes one access record per connection, as
+client's first key share, X25519. Every proxy process runs ``--workers`` workers, one by default
+(nginx ``worker_processes``, HAProxy ``nbthread``, our sidecar's ``workers``); stunnel has no such
+knob (a thread per connection). Every proxy writes one access record per connection, as
 our sidecar does, so nobody saves the cost of logging.
 
 Client-side session resumption is each peer's default; ``resume=False`` turns it off
@@ -55,6 +55,7 @@ class Ctx:
     backends: Backends
     env: dict[str, str]  # for every process we start: the operator's own OPENSSL_CONF, or none
     fd_limit: int
+    workers: int = 1  # per proxy process: sidecar ``workers``, nginx ``worker_processes``, HAProxy ``nbthread``
 
     def backend(self, route: str) -> int:
         return self.backends.http_port if route == "http" else self.backends.bulk_port
@@ -135,7 +136,7 @@ class Sidecar(Pair):
             "ca": str(ctx.certs.ca),
             "session_resumption": resume,
         }
-        limits = {"max_connections": 20000, "idle_timeout": IDLE_TIMEOUT, "drain_timeout": "1s"}
+        limits = {"max_connections": 20000 * ctx.workers, "idle_timeout": IDLE_TIMEOUT, "drain_timeout": "1s"}
         server_cfg = {
             "tls": tls_server,
             "inbound": [
@@ -149,6 +150,7 @@ class Sidecar(Pair):
             ],
             "limits": limits,
             "log": {"level": "info", "format": "json"},
+            "workers": ctx.workers,
         }
         server = self._run(ctx, d / "server.yaml", server_cfg, "sidecar-server")
         server_ports = _ready_ports(server)
@@ -165,6 +167,7 @@ class Sidecar(Pair):
             ],
             "limits": limits,
             "log": {"level": "info", "format": "json"},
+            "workers": ctx.workers,
         }
         client = self._run(ctx, d / "client.yaml", client_cfg, "sidecar-client")
         client_ports = _ready_ports(client)
@@ -215,7 +218,7 @@ def parse_sidecar(text: str) -> list[Handshake]:
 
 HAPROXY_GLOBAL = """\
 global
-    nbthread 1
+    nbthread {workers}
     maxconn {maxconn}
     log stderr format raw local0 info
     ssl-default-bind-ciphersuites {suites}
@@ -262,6 +265,7 @@ class HAProxy(Pair):
             "maxconn": max(1000, (ctx.fd_limit - 200) // 2),
             "suites": certs_mod.CIPHERSUITES,
             "idle": IDLE_TIMEOUT,
+            "workers": ctx.workers,
         }
         server_conf = HAPROXY_GLOBAL.format(**common) + "".join(
             HAPROXY_SERVER_ROUTE.format(
@@ -317,7 +321,7 @@ def parse_haproxy(text: str) -> list[Handshake]:
 NGINX_MAIN = """\
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 worker_rlimit_nofile {nofile};
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
@@ -403,6 +407,7 @@ class Nginx(Pair):
                     load_module=load_module,
                     idle=IDLE_TIMEOUT,
                     body=body,
+                    workers=ctx.workers,
                 )
             )
             proc = ctx.procs.start(f"nginx-{side}", nginx_argv(ctx.tools, d, conf), env=ctx.env)

@@ -193,6 +193,18 @@ def _value(results: dict[str, Any], pair: str, key: str, *, spread: bool = True)
 SUMMARY = ["up_gbps", "down_gbps", "ka_rate", "ka_p99_ms", "nc_rate", "rs_nc_rate", "idle_kb", "nc_cpu"]
 
 
+def _workers_text(n: int) -> str:
+    if n == 1:
+        return (
+            "Every proxy process has one worker (nginx `worker_processes 1`, HAProxy `nbthread 1`, the sidecar "
+            "`workers: 1`; stunnel has a thread per connection) "
+        )
+    return (
+        f"Every proxy process has {n} workers (nginx `worker_processes {n}`, HAProxy `nbthread {n}`, the sidecar "
+        f"`workers: {n}`; stunnel has a thread per connection) "
+    )
+
+
 def summary_table(results: dict[str, Any]) -> list[str]:
     """The headline: medians only, then the sidecar against the best peer and against no proxy."""
     pairs = [p for p, v in results["pairs"].items() if v.get("summary")]
@@ -266,8 +278,8 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
         f"{s['duration']:g} s per workload. Load: {_load_text(results)}. Medians with min-max. "
         "Topology: load generator → client-side proxy (plain in, TLS 1.3 mTLS out) → server-side proxy "
         "(client certificate required and verified, plain out) → backend, all on 127.0.0.1, one EC P-256 CA. "
-        "Every proxy process has one worker (nginx `worker_processes 1`, HAProxy `nbthread 1`; stunnel "
-        "has a thread per connection) and writes an access record per connection, like the sidecar. "
+        + _workers_text(s.get("workers", 1))
+        + "and writes an access record per connection, like the sidecar. "
         "Peers keep their default buffer sizes (HAProxy `tune.bufsize` and nginx `proxy_buffer_size`, 16 KB): "
         "in a side test, 64 KB raised HAProxy's bulk throughput by a third or more and nginx's by 10-20%. "
         "Latency is taken at saturation (closed loop, every connection busy), so on 2 shared cores p99 is "

@@ -41,6 +41,7 @@ class Settings:
     bulk_mb: int = 256  # python load only: bytes per bulk transfer
     resume: bool = True
     quick: bool = False
+    workers: int = 1  # per proxy process (sidecar, nginx, HAProxy)
     settle: float = 0.3  # after a workload: let connections close and access records be written
     idle_hold: float = 1.0  # how long idle connections are held before memory is read
 
@@ -101,7 +102,7 @@ class Bench:
         tools_load = s.load == "tools"
         b = backends.start(self.procs, self.tools, env, tools_load=tools_load, fd_limit=fd_limit)
         self.backends = {"http": b.http_kind, "bulk": b.bulk_kind}
-        ctx = Ctx(self.procs, self.tools, certs, b, env, fd_limit)
+        ctx = Ctx(self.procs, self.tools, certs, b, env, fd_limit, s.workers)
         variants = self.plan()
         for rep in range(s.reps):
             shift = rep % len(variants)
