@@ -133,7 +133,7 @@ class Sidecar:
         )
 
     async def start_worker(self, channel: WorkerChannel) -> None:
-        await self.store.load(channel.source)
+        await self.store.load(channel.source, channel.ticket_keys)
         for index, listener in enumerate(self.listeners):
             await listener.start(channel.sockets(index))
         self._spawn(self._ticker())

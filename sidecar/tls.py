@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import ssl
 import tempfile
@@ -26,7 +27,10 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from .config import TLSFiles
 from .errors import CertificateError
 from .identity import from_certificate
+from .logs import event
+from .tickets import set_ticket_keys
 
+log = logging.getLogger("sidecar.tls")
 _CRL_BEGIN = b"-----BEGIN X509 CRL-----"
 
 
@@ -125,19 +129,21 @@ class TLSStore:
     def loaded(self) -> bool:
         return self._material is not None
 
-    async def load(self, source: Mapping[Path, bytes] | None = None) -> Material:
+    async def load(self, source: Mapping[Path, bytes] | None = None, ticket_keys: bytes | None = None) -> Material:
         """First load: like ``reload`` but a failure is fatal to the caller."""
-        material = await asyncio.to_thread(load_material, self.files, 1, source=source)
+        material = await asyncio.to_thread(load_material, self.files, 1, source=source, ticket_keys=ticket_keys)
         self._publish(material)
         return material
 
-    async def reload(self, source: Mapping[Path, bytes] | None = None) -> Material:
+    async def reload(self, source: Mapping[Path, bytes] | None = None, ticket_keys: bytes | None = None) -> Material:
         """Re-read every file (or take their bytes from ``source``); publish on success, keep the
         old material and raise on failure."""
         async with self._lock:
             generation = self._material.generation + 1 if self._material else 1
             try:
-                material = await asyncio.to_thread(load_material, self.files, generation, source=source)
+                material = await asyncio.to_thread(
+                    load_material, self.files, generation, source=source, ticket_keys=ticket_keys
+                )
             except CertificateError as exc:
                 self.reloads_error += 1
                 self.last_error = str(exc)
@@ -165,10 +171,12 @@ def load_material(
     *,
     now: datetime | None = None,
     source: Mapping[Path, bytes] | None = None,
+    ticket_keys: bytes | None = None,
 ) -> Material:
     """Read, validate and build contexts (blocking: run it in a thread).
 
     ``source``: the files' bytes already read (by the supervisor), instead of reading the disk.
+    ``ticket_keys``: session-ticket keys shared by every worker of a supervisor (``tickets.py``).
     """
     read = _Reader(source)
     chain = _read_certs(read(files.cert, "certificate"), files.cert, "certificate")
@@ -192,6 +200,8 @@ def load_material(
         # makes every ticket issued before it useless, so a resumed peer always resumes trust
         # material that is still current.
         server.num_tickets = 1 if files.session_resumption else 0
+        if ticket_keys is not None and files.session_resumption and not set_ticket_keys(server, ticket_keys):
+            event(log, logging.WARNING, "cannot share session-ticket keys between workers; tickets stay per worker")
         client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
         client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
         client_i.check_hostname = False  # identity is checked against server_identity after the handshake

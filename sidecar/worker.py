@@ -31,11 +31,17 @@ class WorkerChannel:
     """The worker's end of the control channel, and what the supervisor handed over at start."""
 
     def __init__(
-        self, sock: socket.socket, index: int, source: Mapping[Path, bytes], listen_fds: list[list[int]]
+        self,
+        sock: socket.socket,
+        index: int,
+        source: Mapping[Path, bytes],
+        ticket_keys: bytes,
+        listen_fds: list[list[int]],
     ) -> None:
         self.sock = sock
         self.index = index
         self.source = source
+        self.ticket_keys = ticket_keys
         self.listen_fds = listen_fds
         self._writer: asyncio.StreamWriter | None = None
 
@@ -50,7 +56,7 @@ class WorkerChannel:
             if msg[0] == "tls":
                 error: str | None = None
                 try:
-                    await sidecar.store.reload(msg[1])
+                    await sidecar.store.reload(msg[1], msg[2])
                 except CertificateError as exc:
                     error = str(exc)
                     event(log, logging.ERROR, "certificates from the supervisor refused", error=error)
@@ -64,7 +70,7 @@ class WorkerChannel:
 
 def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[0]))
-    kind, index, cfg, source, listen_fds = receive_blocking(sock)
+    kind, index, cfg, source, ticket_keys, listen_fds = receive_blocking(sock)
     assert kind == "start" and isinstance(cfg, Config)
     logs.setup(cfg.log.level, cfg.log.format, worker=index)
     # The supervisor decides when to stop: a Ctrl-C in a terminal reaches the whole process group.
@@ -72,7 +78,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     import uvloop
 
-    channel = WorkerChannel(sock, index, source, listen_fds)
+    channel = WorkerChannel(sock, index, source, ticket_keys, listen_fds)
 
     async def serve() -> None:
         await Sidecar(cfg, channel=channel).run()

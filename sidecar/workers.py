@@ -38,6 +38,7 @@ from prometheus_client import multiprocess
 from .config import Config
 from .errors import SidecarError
 from .logs import event
+from .tickets import new_keys
 from .tls import Material
 
 log = logging.getLogger("sidecar.workers")
@@ -129,6 +130,7 @@ class WorkerPool:
         self._slots = [_Slot(i) for i in range(self.count)]
         self._shares: list[list[list[socket.socket]]] = []  # [listener][worker] -> sockets
         self._material: Material | None = None
+        self._ticket_keys = new_keys()  # one set per generation, for every worker (tickets.py)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._started = asyncio.Event()
@@ -196,7 +198,7 @@ class WorkerPool:
 
     async def push(self, material: Material) -> list[str]:
         """Hand ``material`` to every running worker; the problems, one per worker that failed."""
-        self._material = material
+        self._material, self._ticket_keys = material, new_keys()  # a reload voids every ticket issued before
         results = await asyncio.gather(*(self._push_one(slot, material.source) for slot in self._slots))
         return [problem for problem in results if problem]
 
@@ -204,7 +206,7 @@ class WorkerPool:
         if not slot.ready or slot.writer is None:
             return None  # it takes the newest material when it (re)starts
         try:
-            slot.writer.write(encode(("tls", source)))
+            slot.writer.write(encode(("tls", source, self._ticket_keys)))
             reply = await asyncio.wait_for(slot.replies.get(), PUSH_TIMEOUT)
         except (TimeoutError, ConnectionError) as exc:
             problem: str | None = f"worker {slot.index}: no answer to the reload ({type(exc).__name__})"
@@ -265,7 +267,8 @@ class WorkerPool:
         slot.replies = asyncio.Queue()
         try:
             cfg = worker_config(self.cfg, self.count)
-            writer.write(encode(("start", slot.index, cfg, self._material.source, listen_fds)))
+            start = ("start", slot.index, cfg, self._material.source, self._ticket_keys, listen_fds)
+            writer.write(encode(start))
             while (msg := await receive(reader)) is not None:
                 if msg[0] == "ready":
                     slot.ready = True

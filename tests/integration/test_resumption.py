@@ -33,7 +33,9 @@ from support import (
 from sidecar import pki
 
 
-def inbound_config(path: Path, leaf: CertFiles, ca: CertFactory, backend: Backend, **tls: Any) -> Path:
+def inbound_config(
+    path: Path, leaf: CertFiles, ca: CertFactory, backend: Backend, workers: int = 1, **tls: Any
+) -> Path:
     return write_config(
         path,
         {
@@ -41,6 +43,7 @@ def inbound_config(path: Path, leaf: CertFiles, ca: CertFactory, backend: Backen
             "inbound": [
                 {"name": "orders", "listen": "127.0.0.1:0", "forward": backend.address, "allow": [f"{TD}/frontend"]}
             ],
+            "workers": workers,
         },
     )
 
@@ -139,6 +142,29 @@ def test_inbound_reload_invalidates_every_ticket(
     answer, _, reused = direct(inbound.port("orders"), frontend, session)
     assert answer == b"ping" and not reused
     assert resumed_flags(inbound, 3) == [False, True, False]
+
+
+def test_every_worker_opens_every_workers_tickets_until_a_reload(
+    tmp_path: Path, ca: CertFactory, backend: Backend, sidecars: list[SidecarProcess]
+) -> None:
+    """With workers, a ticket must not depend on which worker the kernel picks (shared keys), and a
+    reload must void it in every worker."""
+    inbound = start_sidecar(inbound_config(tmp_path / "in.yaml", ca.leaf("orders"), ca, backend, workers=2))
+    sidecars.append(inbound)
+    frontend = client_context(ca.leaf("frontend"), ca.ca_file)
+    _, session, _ = direct(inbound.port("orders"), frontend)
+    calls = 20  # with keys per worker about half would fall back to a full handshake
+    for _ in range(calls):
+        answer, _, reused = direct(inbound.port("orders"), frontend, session)
+        assert answer == b"ping" and reused
+    records = inbound.wait_access(calls + 1)
+    assert {r["worker"] for r in records[1:]} == {0, 1}  # both workers took some
+    assert not any(r.get("msg", "").startswith("cannot share session-ticket keys") for r in inbound.logs())
+    inbound.signal(signal.SIGHUP)
+    wait_for(lambda: any(r.get("msg") == "certificates reloaded" for r in inbound.logs()))
+    for _ in range(4):
+        answer, _, reused = direct(inbound.port("orders"), frontend, session)
+        assert answer == b"ping" and not reused
 
 
 def test_outbound_reload_drops_the_cached_session(pair: tuple[SidecarProcess, SidecarProcess]) -> None:
