@@ -213,3 +213,25 @@ def test_a_pair_of_multi_worker_sidecars_carries_data_intact(tmp_path: Path, ca:
             assert len(inbound.wait_access(4, "echo")) == 4
     finally:
         backend.close()
+
+
+def test_a_second_sigint_stops_waiting_for_open_connections_in_every_worker(
+    tmp_path: Path, ca: CertFactory, server_leaf: CertFiles, client_leaf: CertFiles, sidecars: list[SidecarProcess]
+) -> None:
+    backend = Backend()  # echo: the connection below stays open until cut
+    try:
+        sc = start_workers(tmp_path, ca, server_leaf, backend, drain_timeout="60s")
+        sidecars.append(sc)
+        workers = children(sc.proc.pid)
+        with tls_connect(sc.port("orders"), client_context(client_leaf, ca.ca_file)) as s:
+            s.sendall(b"hello")
+            assert s.recv(100) == b"hello"
+            sc.signal(signal.SIGINT)
+            wait_for(lambda: any(r.get("msg") == "draining" and "worker" in r for r in sc.logs()), 5)
+            sc.signal(signal.SIGINT)
+            assert sc.proc.wait(15) == 0  # far sooner than drain_timeout
+        assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+        [rec] = sc.access("orders")
+        assert rec["reason"] == "drain_timeout"  # cut, and logged as cut
+    finally:
+        backend.close()
