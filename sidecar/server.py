@@ -4,6 +4,10 @@ Start order: load TLS material (a failure is fatal), bind every listener (a fail
 names the listener), start the periodic ticker, log ``ready``. Shutdown order: stop accepting on
 every listener, let open connections finish for up to ``drain_timeout``, close what is left, log
 how many were cut. Every task started here is owned here and cancelled on the way out.
+
+With ``workers: N`` the same order holds, with the workers in the middle: the supervisor binds N
+shares of every listener, starts the workers (``workers.py``) and logs ``ready`` once all are;
+on shutdown it closes its sockets and waits for every worker's own drain.
 """
 
 from __future__ import annotations

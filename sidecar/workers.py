@@ -67,7 +67,7 @@ async def receive(reader: asyncio.StreamReader) -> Message | None:
     try:
         (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
         if size > MAX_MESSAGE:
-            raise ValueError(f"control message of {size} bytes")
+            return None  # not this program speaking: treat the channel as gone
         msg = pickle.loads(await reader.readexactly(size))
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
@@ -107,7 +107,6 @@ def worker_config(cfg: Config, workers: int) -> Config:
 @dataclasses.dataclass
 class _Slot:
     index: int
-    pid: int | None = None
     ready: bool = False
     writer: asyncio.StreamWriter | None = None
     replies: asyncio.Queue[Message] = dataclasses.field(default_factory=asyncio.Queue)
@@ -192,10 +191,6 @@ class WorkerPool:
     def not_ready(self) -> list[str]:
         return [f"worker {slot.index} is not running" for slot in self._slots if not slot.ready]
 
-    @property
-    def pids(self) -> list[int | None]:
-        return [slot.pid if slot.ready else None for slot in self._slots]
-
     async def push(self, material: Material) -> list[str]:
         """Hand ``material`` to every running worker; the problems, one per worker that failed."""
         self._material, self._ticket_keys = material, new_keys()  # a reload voids every ticket issued before
@@ -261,7 +256,7 @@ class WorkerPool:
             )
         finally:
             child.close()
-        slot.process, slot.pid = proc, proc.pid
+        slot.process = proc
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         slot.writer = writer
         slot.replies = asyncio.Queue()
