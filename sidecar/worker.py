@@ -54,13 +54,14 @@ class WorkerChannel:
         self._writer.write(encode(("ready", os.getpid())))
         while (msg := await receive(reader)) is not None:
             if msg[0] == "tls":
+                _, source, ticket_keys, number = msg
                 error: str | None = None
                 try:
-                    await sidecar.store.reload(msg[1], msg[2])
+                    await sidecar.store.reload(source, ticket_keys)
                 except CertificateError as exc:
                     error = str(exc)
                     event(log, logging.ERROR, "certificates from the supervisor refused", error=error)
-                self._writer.write(encode(("tls", error)))
+                self._writer.write(encode(("tls", number, error)))
             elif msg[0] == "stop":
                 sidecar.request_stop()
             elif msg[0] == "force":

@@ -135,6 +135,7 @@ class WorkerPool:
         self._started = asyncio.Event()
         self._ready_changed = asyncio.Event()
         self._start_failure: str | None = None
+        self._pushes = 0  # numbers each push, so an answer is matched to its own push
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -194,19 +195,22 @@ class WorkerPool:
     async def push(self, material: Material) -> list[str]:
         """Hand ``material`` to every running worker; the problems, one per worker that failed."""
         self._material, self._ticket_keys = material, new_keys()  # a reload voids every ticket issued before
-        results = await asyncio.gather(*(self._push_one(slot, material.source) for slot in self._slots))
+        self._pushes += 1
+        results = await asyncio.gather(*(self._push_one(slot, material.source, self._pushes) for slot in self._slots))
         return [problem for problem in results if problem]
 
-    async def _push_one(self, slot: _Slot, source: Mapping[Path, bytes]) -> str | None:
+    async def _push_one(self, slot: _Slot, source: Mapping[Path, bytes], number: int) -> str | None:
         if not slot.ready or slot.writer is None:
             return None  # it takes the newest material when it (re)starts
         try:
-            slot.writer.write(encode(("tls", source, self._ticket_keys)))
-            reply = await asyncio.wait_for(slot.replies.get(), PUSH_TIMEOUT)
+            slot.writer.write(encode(("tls", source, self._ticket_keys, number)))
+            async with asyncio.timeout(PUSH_TIMEOUT):
+                while (reply := await slot.replies.get())[1] != number:
+                    pass  # the late answer to an earlier push that timed out
         except (TimeoutError, ConnectionError) as exc:
             problem: str | None = f"worker {slot.index}: no answer to the reload ({type(exc).__name__})"
         else:
-            problem = None if reply[1] is None else f"worker {slot.index}: {reply[1]}"
+            problem = None if reply[2] is None else f"worker {slot.index}: {reply[2]}"
         if problem is not None:
             event(log, logging.ERROR, "worker did not take the new certificates", problem=problem)
         return problem
