@@ -182,22 +182,43 @@ class _Refuse(asyncio.Protocol):
         client = peer_address(transport)
         transport.abort()  # type: ignore[attr-defined]
         self.listener.metrics.ended("limit")
-        event(
-            ACCESS,
-            logging.INFO,
-            "connection",
-            listener=self.listener.name,
-            direction=self.listener.direction,
-            client=client,
-            peer_identity=None,
-            outcome="limit",
-            reason="max_connections",
-            bytes_to_upstream=0,
-            bytes_to_downstream=0,
-            duration_ms=0.0,
-            tls_version=None,
-            cipher=None,
-        )
+        log_access(self.listener, client=client, outcome="limit", reason="max_connections")
+
+
+def log_access(
+    listener: Listener,
+    *,
+    client: str,
+    outcome: str,
+    reason: str | None,
+    peer_identity: str | None = None,
+    handshake_error: str | None = None,
+    bytes_to_upstream: int = 0,
+    bytes_to_downstream: int = 0,
+    duration_ms: float = 0.0,
+    tls_version: str | None = None,
+    cipher: str | None = None,
+    resumed: bool = False,
+) -> None:
+    """The one access record of a connection (contract section 6, plus reason/handshake_error/resumed)."""
+    event(
+        ACCESS,
+        logging.INFO if outcome == "ok" else logging.WARNING,
+        "connection",
+        listener=listener.name,
+        direction=listener.direction,
+        client=client,
+        peer_identity=peer_identity,
+        outcome=outcome,
+        reason=reason,
+        handshake_error=handshake_error,
+        bytes_to_upstream=bytes_to_upstream,
+        bytes_to_downstream=bytes_to_downstream,
+        duration_ms=duration_ms,
+        tls_version=tls_version,
+        cipher=cipher,
+        resumed=resumed,
+    )
 
 
 class ProxyConnection(Connection):
@@ -236,11 +257,14 @@ class ProxyConnection(Connection):
         self.handshake_error = reason
         self.metrics.handshake_failed(reason)
 
-    def handshake_finished(self, leg: Leg) -> bool:
-        """Record the handshake; False when the connection was refused here."""
+    def _cancel_handshake_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def handshake_finished(self, leg: Leg) -> bool:
+        """Record the handshake; False when the connection was refused here."""
+        self._cancel_handshake_timer()
         self.metrics.handshake_seconds.observe(time.perf_counter() - self._handshake_started)
         assert leg.tls is not None
         self.tls_version = leg.tls.version()
@@ -279,9 +303,7 @@ class ProxyConnection(Connection):
         if self.closing:
             return
         if not leg.handshake_done:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._cancel_handshake_timer()
             self.handshake_failed(tlserrors.classify(exc))
             self.finish("tls_error", ssl_error_text(exc), abort=True)
         else:
@@ -293,9 +315,7 @@ class ProxyConnection(Connection):
         self.finish(outcome, reason)
 
     def cancel_pending(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_handshake_timer()
         if self._dial_task is not None:
             self._dial_task.cancel()
             self._dial_task = None
@@ -334,13 +354,8 @@ class ProxyConnection(Connection):
         self.metrics.active.dec()
         self.metrics.ended(outcome)
         self.metrics.duration.observe(duration)
-        level = logging.INFO if outcome == "ok" else logging.WARNING
-        event(
-            ACCESS,
-            level,
-            "connection",
-            listener=self.listener.name,
-            direction=self.listener.direction,
+        log_access(
+            self.listener,
             client=self.client,
             peer_identity=self.peer.describe() if self.peer else None,
             outcome=outcome,
