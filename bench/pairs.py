@@ -110,6 +110,27 @@ class Pair:
     def _ports(self) -> dict[str, int]:
         return {f"{side}_{route}": free_port() for side in ("client", "server") for route in ROUTES}
 
+    def _running(
+        self,
+        resume: bool,
+        ports: dict[str, int],
+        procs: list[Proc],
+        server_log: Proc,
+        parse: Callable[[str], list[Handshake]],
+    ) -> Running:
+        """A started peer pair: ``procs`` are (server, client), ``server_log`` tells about handshakes."""
+        server, client = procs
+        return Running(
+            self.name,
+            resume,
+            ports["client_http"],
+            ports["client_bulk"],
+            ports["server_http"],
+            [client, server],
+            server_log,
+            parse,
+        )
+
 
 class Direct(Pair):
     name = "direct"
@@ -296,24 +317,18 @@ class HAProxy(Pair):
             proc = ctx.procs.start(f"haproxy-{side}", [ctx.tools.path("haproxy"), "-db", "-f", str(path)], env=ctx.env)
             wait_listening(proc, [ports[f"{side}_{r}"] for r in ROUTES])
             procs.append(proc)
-        server, client = procs
-        return Running(
-            self.name,
-            resume,
-            ports["client_http"],
-            ports["client_bulk"],
-            ports["server_http"],
-            [client, server],
-            server,
-            parse_haproxy,
-        )
+        return self._running(resume, ports, procs, procs[0], parse_haproxy)
+
+
+def _parse_bench_lines(text: str, fresh: str, resumed: str) -> list[Handshake]:
+    """Lines ``bench VERSION CIPHER MARK`` (our log format for HAProxy and nginx), MARK ``resumed``
+    for a resumed session and ``fresh`` for a full handshake."""
+    pattern = rf"^bench (TLSv[\d.]+) (\S+) ([{re.escape(fresh + resumed)}])$"
+    return [Handshake(m.group(1), m.group(2), m.group(3) == resumed) for m in re.finditer(pattern, text, re.M)]
 
 
 def parse_haproxy(text: str) -> list[Handshake]:
-    out = []
-    for m in re.finditer(r"^bench (TLSv[\d.]+) (\S+) ([01])$", text, re.M):
-        out.append(Handshake(m.group(1), m.group(2), m.group(3) == "1"))
-    return out
+    return _parse_bench_lines(text, fresh="0", resumed="1")
 
 
 # -- nginx ---------------------------------------------------------------------------------------
@@ -413,25 +428,12 @@ class Nginx(Pair):
             proc = ctx.procs.start(f"nginx-{side}", nginx_argv(ctx.tools, d, conf), env=ctx.env)
             wait_listening(proc, [p for p, _, _ in blocks])
             procs.append(proc)
-        server, client = procs
         access = Path(ctx.procs.tmp / f"nginx-server-{ports['client_http']}" / "access.log")
-        return Running(
-            self.name,
-            resume,
-            ports["client_http"],
-            ports["client_bulk"],
-            ports["server_http"],
-            [client, server],
-            Proc("nginx-server access log", server.popen, access),
-            parse_nginx,
-        )
+        return self._running(resume, ports, procs, Proc("nginx-server access log", procs[0].popen, access), parse_nginx)
 
 
 def parse_nginx(text: str) -> list[Handshake]:
-    out = []
-    for m in re.finditer(r"^bench (TLSv[\d.]+) (\S+) ([r.])$", text, re.M):
-        out.append(Handshake(m.group(1), m.group(2), m.group(3) == "r"))
-    return out
+    return _parse_bench_lines(text, fresh=".", resumed="r")
 
 
 # -- stunnel -------------------------------------------------------------------------------------
@@ -519,17 +521,8 @@ class Stunnel(Pair):
             proc = ctx.procs.start(f"stunnel-{side}", [ctx.tools.path("stunnel"), str(path)], env=ctx.env)
             wait_listening(proc, [ports[f"{side}_{r}"] for r in ROUTES])
             procs.append(proc)
-        server, client = procs
-        return Running(
-            self.name,
-            resume,
-            ports["client_http"],
-            ports["client_bulk"],
-            ports["server_http"],
-            [client, server],
-            Proc("stunnel-server log", server.popen, d / "server.log"),
-            parse_stunnel,
-        )
+        server_log = Proc("stunnel-server log", procs[0].popen, d / "server.log")
+        return self._running(resume, ports, procs, server_log, parse_stunnel)
 
 
 def parse_stunnel(text: str) -> list[Handshake]:
