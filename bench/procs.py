@@ -4,6 +4,9 @@ Rules: a process is started only through ``Procs`` (its own session, so the whol
 signalled; on Linux a parent-death signal, so even ``kill -9`` of the bench leaves no orphan), and
 ``Procs.close`` stops them all in reverse order (SIGTERM to the group, a short wait, SIGKILL) and
 removes the temporary folder. ``close`` runs on success, failure, Ctrl-C and SIGTERM alike.
+
+An interrupt can land anywhere, so a process is registered before the interrupt can be seen (the
+signals are held while it is started) and leaves the registry only once it is dead.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from types import FrameType, TracebackType
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 STOP_GRACE = 5.0
+# What the bench turns into KeyboardInterrupt (see sigterm_as_interrupt).
+INTERRUPTS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
 
 
 class BenchError(Exception):
@@ -105,7 +110,9 @@ class Procs:
         """Start ``argv`` with stdout and stderr to ``<tmp>/logs/<name>-<n>.log``."""
         self._n += 1
         log = self.folder("logs") / f"{name}-{self._n}.log"
-        with open(log, "wb") as out:
+        # An interrupt between fork and append would leave a child nobody stops: hold the signals
+        # until it is registered (the child unblocks them for itself in _prepare_child).
+        with open(log, "wb") as out, _interrupts_held():
             popen = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL,
@@ -114,10 +121,10 @@ class Procs:
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # the bench is single-threaded, so preexec_fn is safe
+                preexec_fn=_prepare_child,  # the bench is single-threaded, so preexec_fn is safe
             )
-        proc = Proc(name, popen, log)
-        self._procs.append(proc)
+            proc = Proc(name, popen, log)
+            self._procs.append(proc)
         return proc
 
     def run(
@@ -137,9 +144,11 @@ class Procs:
         return code, text
 
     def stop(self, proc: Proc, grace: float = STOP_GRACE) -> None:
-        """SIGTERM to the process group, wait up to ``grace``, then SIGKILL the group."""
-        if proc in self._procs:
-            self._procs.remove(proc)
+        """SIGTERM to the process group, wait up to ``grace``, then SIGKILL the group.
+
+        The process stays registered until this is done, so an interrupt in the middle leaves it to
+        ``close``.
+        """
         _signal_group(proc, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.popen.wait(grace)
@@ -147,10 +156,13 @@ class Procs:
         _signal_group(proc, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.popen.wait(grace)
+        if proc in self._procs:
+            self._procs.remove(proc)
 
     def close(self) -> None:
         for proc in reversed(list(self._procs)):
             self.stop(proc, grace=2.0)
+        _kill_strays()
         if self.keep_tmp:
             print(f"bench: kept {self.tmp}", file=sys.stderr)
         else:
@@ -163,7 +175,28 @@ def _signal_group(proc: Proc, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _die_with_parent() -> None:
+def _kill_strays() -> None:
+    """Backstop for ``close``: no process of the bench's outlives it, registered or not."""
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):  # reap our own children; init reaps the rest
+            os.waitpid(pid, 0)
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold the interrupt signals; one that came meanwhile is raised on leaving."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _prepare_child() -> None:
+    """In the child before exec: take back the signals held in ``start``; die with the bench."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1
         ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
