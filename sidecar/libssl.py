@@ -1,0 +1,112 @@
+"""The few OpenSSL calls Python's ``ssl`` module does not make, or makes at a cost, through ctypes.
+
+The calls go into the very libssl the ``_ssl`` module uses (dlsym on its handle searches its
+dependencies), and reach the ``SSL_CTX``, ``SSL`` and ``SSL_SESSION`` behind a Python object by
+CPython's layout of those objects: its pointer is the first field after ``PyObject_HEAD`` (the
+``SSL`` of an ``SSLObject`` comes after one more pointer). That layout is the same from 3.8 to 3.13;
+on any other interpreter nothing here is used. Before a pointer is used it is checked against what
+Python itself reports of the object (a context's options, a session's time, timeout and id, the
+context an ``SSL`` belongs to); a mismatch returns None or False, and callers then take the plain
+``ssl`` way, which costs speed, never security.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import ctypes
+import ssl
+import sys
+from typing import Any
+
+_SSL_SOCKET: type | None = getattr(_ssl, "_SSLSocket", None)  # what ``SSLObject._sslobj`` is
+_TLS1_3_VERSION = 0x0304
+_HEAD = object.__basicsize__
+_POINTER = ctypes.sizeof(ctypes.c_void_p)
+
+
+def _load() -> ctypes.CDLL | None:
+    if sys.implementation.name != "cpython" or not (3, 8) <= sys.version_info[:2] <= (3, 13):
+        return None
+    try:
+        lib = ctypes.CDLL(_ssl.__file__)
+        signatures: dict[str, tuple[object, list[object]]] = {
+            "SSL_CTX_get_options": (ctypes.c_uint64, [ctypes.c_void_p]),
+            "SSL_CTX_ctrl": (ctypes.c_long, [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]),
+            "SSL_get_SSL_CTX": (ctypes.c_void_p, [ctypes.c_void_p]),
+            "SSL_is_server": (ctypes.c_int, [ctypes.c_void_p]),
+            "SSL_in_before": (ctypes.c_int, [ctypes.c_void_p]),
+            "SSL_set_session": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p]),
+            "SSL_SESSION_get_time": (ctypes.c_long, [ctypes.c_void_p]),
+            "SSL_SESSION_get_timeout": (ctypes.c_long, [ctypes.c_void_p]),
+            "SSL_SESSION_get_protocol_version": (ctypes.c_int, [ctypes.c_void_p]),
+            "SSL_SESSION_is_resumable": (ctypes.c_int, [ctypes.c_void_p]),
+            "SSL_SESSION_get_id": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]),
+        }
+        for name, (restype, argtypes) in signatures.items():
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+lib = _load()
+
+
+def _field(obj: object, offset: int = 0) -> int | None:
+    return ctypes.c_void_p.from_address(id(obj) + _HEAD + offset).value
+
+
+def context_pointer(ctx: ssl.SSLContext) -> int | None:
+    """The ``SSL_CTX *`` of ``ctx``, when OpenSSL reports the options Python reports for it."""
+    if lib is None or not isinstance(ctx, _ssl._SSLContext):
+        return None
+    pointer = _field(ctx)
+    if not pointer or lib.SSL_CTX_get_options(pointer) != ctx.options:
+        return None
+    return pointer
+
+
+def resume(sslobj: ssl.SSLObject, ctx: ssl.SSLContext, session: ssl.SSLSession) -> bool:
+    """Offer ``session`` on a client ``sslobj`` of ``ctx`` that has not started its handshake.
+
+    Python's own ``SSLObject.session = s`` copies the session first (CPython serialises it and
+    parses it back, peer certificate chain included: about 0.1 ms of CPU on every connection, for
+    a workaround of OpenSSL 1.1.0). OpenSSL 1.1.1 and later copy a session themselves before they
+    change it, so one session can be offered on any number of connections, as nginx does. Returns
+    False when the pointers do not check out; the caller then sets ``sslobj.session``.
+    """
+    ctx_pointer = context_pointer(ctx)
+    inner: Any = getattr(sslobj, "_sslobj", None)
+    if ctx_pointer is None or lib is None or _SSL_SOCKET is None or type(inner) is not _SSL_SOCKET:
+        return False
+    if type(session) is not _ssl.SSLSession or getattr(inner, "context", None) is not ctx:
+        return False
+    if _field(session, _POINTER) != id(ctx):  # the session's own context (after its SSL_SESSION *)
+        return False
+    ssl_pointer = _field(inner, _POINTER)  # after the ``Socket`` weak reference
+    if not ssl_pointer or lib.SSL_get_SSL_CTX(ssl_pointer) != ctx_pointer:
+        return False
+    if lib.SSL_is_server(ssl_pointer) or not lib.SSL_in_before(ssl_pointer):
+        return False
+    session_pointer = _session_pointer(session)
+    return session_pointer is not None and lib.SSL_set_session(ssl_pointer, session_pointer) == 1
+
+
+def _session_pointer(session: ssl.SSLSession) -> int | None:
+    """The ``SSL_SESSION *`` of ``session``, when it is a resumable TLS 1.3 session and OpenSSL
+    reports the time, timeout and id Python reports for it."""
+    assert lib is not None
+    pointer = _field(session)
+    if not pointer or lib.SSL_SESSION_get_time(pointer) != session.time:
+        return None
+    if lib.SSL_SESSION_get_timeout(pointer) != session.timeout:
+        return None
+    length = ctypes.c_uint(0)
+    id_pointer = lib.SSL_SESSION_get_id(pointer, ctypes.byref(length))
+    if not id_pointer or ctypes.string_at(id_pointer, length.value) != session.id:
+        return None
+    if lib.SSL_SESSION_get_protocol_version(pointer) != _TLS1_3_VERSION:
+        return None
+    return pointer if lib.SSL_SESSION_is_resumable(pointer) == 1 else None

@@ -1,0 +1,133 @@
+"""sidecar.libssl.resume: a session offered without CPython's copy really resumes, still carries
+both identities, and is refused wherever Python's own setter would refuse it (or OpenSSL no longer
+counts the session resumable). Handshakes run in memory over ``ssl.MemoryBIO``."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from typing import Any
+
+import pytest
+from cryptography import x509
+
+from sidecar.libssl import resume
+from tests.support import CertFactory, CertFiles
+
+
+def _context(protocol: ssl._SSLMethod, leaf: CertFiles, ca: CertFactory) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(protocol)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(leaf.cert, leaf.key)
+    ctx.load_verify_locations(ca.ca_file)
+    if protocol == ssl.PROTOCOL_TLS_SERVER:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:
+        ctx.check_hostname = False
+    return ctx
+
+
+class Link:
+    """A client and a server SSLObject joined in memory."""
+
+    def __init__(self, server: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession | None = None) -> None:
+        self.s_in, self.s_out, self.c_in, self.c_out = (ssl.MemoryBIO() for _ in range(4))
+        self.server = server.wrap_bio(self.s_in, self.s_out, server_side=True)
+        self.client = client.wrap_bio(self.c_in, self.c_out)
+        self.resumed_by_libssl = session is not None and resume(self.client, client, session)
+
+    def handshake(self) -> None:
+        done: set[str] = set()
+        for _ in range(10):
+            for name, obj in (("client", self.client), ("server", self.server)):
+                if name not in done:
+                    try:
+                        obj.do_handshake()
+                        done.add(name)
+                    except ssl.SSLWantReadError:
+                        pass
+            self.s_in.write(self.c_out.read())
+            self.c_in.write(self.s_out.read())
+        assert done == {"client", "server"}
+        # the ticket comes after the handshake: let the client read it
+        self.client.write(b"ping")
+        self.s_in.write(self.c_out.read())
+        assert self.server.read(4) == b"ping"
+        self.server.write(b"pong")
+        self.c_in.write(self.s_out.read())
+        assert self.client.read(4) == b"pong"
+
+    def close_cleanly(self) -> None:
+        for obj in (self.client, self.server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.unwrap()
+
+
+@pytest.fixture
+def contexts(ca: CertFactory, server_leaf: CertFiles, client_leaf: CertFiles) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    return _context(ssl.PROTOCOL_TLS_SERVER, server_leaf, ca), _context(ssl.PROTOCOL_TLS_CLIENT, client_leaf, ca)
+
+
+def _uris(peercert: dict[str, Any]) -> list[str]:
+    return [value for kind, value in peercert["subjectAltName"] if kind == "URI"]
+
+
+def _uris_of(leaf: CertFiles) -> list[str]:
+    san = leaf.issued.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return san.get_values_for_type(x509.UniformResourceIdentifier)
+
+
+def _first_session(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[Link, ssl.SSLSession]:
+    first = Link(server, client)
+    first.handshake()
+    assert not first.client.session_reused
+    session = first.client.session
+    assert session is not None and session.has_ticket
+    return first, session
+
+
+def test_an_offered_session_resumes_with_both_identities(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], client_leaf: CertFiles, server_leaf: CertFiles
+) -> None:
+    server, client = contexts
+    first, session = _first_session(server, client)
+    first.close_cleanly()
+    for _ in range(3):  # one session, offered on several connections
+        link = Link(server, client, session)
+        assert link.resumed_by_libssl
+        link.handshake()
+        assert link.client.session_reused and link.server.session_reused
+        # the identities a resumed peer is held to come from the session: still there
+        server_sees, client_sees = link.server.getpeercert(), link.client.getpeercert()
+        assert server_sees is not None and client_sees is not None
+        assert _uris(server_sees) == _uris_of(client_leaf) != []
+        assert _uris(client_sees) == _uris_of(server_leaf) != []
+        link.close_cleanly()
+
+
+def test_refused_where_python_would_refuse(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], ca: CertFactory, client_leaf: CertFiles
+) -> None:
+    server, client = contexts
+    first, session = _first_session(server, client)
+    other_client = _context(ssl.PROTOCOL_TLS_CLIENT, client_leaf, ca)
+    fresh = client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO())
+    assert not resume(fresh, other_client, session)  # the object is not of that context
+    assert not resume(other_client.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO()), other_client, session)  # nor the session
+    assert not resume(server.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True), server, session)
+    assert not resume(first.client, client, session)  # past its handshake
+    assert not resume(fresh, client, "not a session")  # type: ignore[arg-type]
+    assert resume(fresh, client, session)
+
+
+def test_a_session_openssl_gave_up_on_is_not_offered(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    """A connection dropped without close_notify makes OpenSSL mark its session not resumable;
+    ``resume`` then declines, and Python's setter (which copies the session) is the fallback."""
+    server, client = contexts
+    first, session = _first_session(server, client)
+    del first  # freed after its handshake, no close_notify sent
+    link = Link(server, client, session)
+    assert not link.resumed_by_libssl
+    link.client.session = session
+    link.handshake()
+    assert link.client.session_reused
