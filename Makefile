@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint unit bench bench-deps test-compose clean
+.PHONY: venv demo test lint unit bench bench-deps profile test-compose clean
 
 venv: $(STAMP)
 
@@ -34,6 +34,9 @@ bench-deps:
 
 bench: venv
 	$(PY) -m bench
+
+profile: venv
+	$(PY) -m bench --profile
 
 test-compose: venv
 	bash scripts/compose-test.sh

@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="seconds, one repetition: proves every pair works")
     mode.add_argument("--target", metavar="HOST:PORT", help="measure your own HTTP service behind a sidecar pair")
+    mode.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy on our sidecar pair under each workload: where its CPU goes (<date>-profile.md)",
+    )
     p.add_argument("--pairs", help=f"comma-separated subset of {','.join(ALL_PAIRS)} (default: all installed)")
     p.add_argument("--reps", type=int, help="repetitions (default 5; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per workload (default 3; quick 0.3)")
@@ -64,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                 from . import target
 
                 return target.main(args)
+            if args.profile:
+                from . import profile
+
+                return profile.run(args, settings_from(args))
             return run(args)
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)

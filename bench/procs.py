@@ -247,12 +247,18 @@ def descendants(pid: int) -> list[int]:
 
 def cpu_seconds(pids: Sequence[int]) -> float:
     """User + system CPU of these processes (all their threads, exited ones included)."""
-    ticks = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: Sequence[int]) -> tuple[float, float]:
+    """User and system CPU seconds of these processes, apart."""
+    user = system = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is not None:
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return ticks / CLK_TCK
+            user += int(fields[11])  # utime (field 14)
+            system += int(fields[12])  # stime (field 15)
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def rss_kib(pids: Sequence[int]) -> int:

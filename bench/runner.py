@@ -133,7 +133,7 @@ class Bench:
             for workload in v.workloads:
                 meter = BackgroundMeter()
                 meter.start()
-                values = self._measure(ctx, run, workload, info)
+                values = self.measure(ctx, run, workload, info)
                 values_shown = dict(values)
                 if (others := meter.percent()) is not None:
                     self.background.append(others)
@@ -158,7 +158,8 @@ class Bench:
                 for proc in run.procs:
                     self.procs.stop(proc)
 
-    def _measure(self, ctx: Ctx, run: Running, workload: str, info: dict[str, Any]) -> dict[str, float]:
+    def measure(self, ctx: Ctx, run: Running, workload: str, info: dict[str, Any]) -> dict[str, float]:
+        """Run one workload against a started pair; its figures (and CPU of the pair's processes)."""
         s = self.settings
         pids = run.pids()
         tools_load = s.load == "tools"

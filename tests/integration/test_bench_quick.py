@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench import load, pairs  # noqa: E402 - the bench lives at the repository root, not in the package
+from bench import load, pairs, profile  # noqa: E402 - the bench lives at the repository root, not the package
 from bench.procs import BenchError  # noqa: E402
 
 METRICS = ("ka_rate", "ka_p99_ms", "nc_rate", "up_gbps", "down_gbps")
@@ -100,6 +100,30 @@ def test_quick_mode_with_wrk_and_iperf3(tmp_path: Path) -> None:
     assert data["backends"]["bulk"] == "iperf3"
     for pair in ("direct", "sidecar"):
         assert_measured(data, text, pair)
+
+
+@pytest.mark.skipif(not (shutil.which("wrk") and shutil.which("iperf3")), reason="wrk and iperf3 not installed")
+def test_profile_mode_says_where_the_pair_spends(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--profile", "--duration", "1", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    (md,) = tmp_path.glob("*-profile.md")
+    text = md.read_text()
+    for workload in profile.WORKLOADS:
+        for side in profile.SIDES:
+            assert f"## {workload}, {side} side" in text
+            stacks = profile.parse_collapsed((tmp_path / md.stem / f"{workload}-{side}.txt").read_text())
+            assert sum(stacks.values()) > 0, (workload, side)
+    # the sidecar's own code shows up: the pump under keep-alive, OpenSSL's handshake under new connections
+    keepalive = text.split("## keepalive, server side")[1].split("##")[0]
+    assert "(pump.py)" in keepalive
+    newconn = text.split("## newconn, server side")[1].split("##")[0]
+    assert "do_handshake" in newconn
 
 
 def test_interrupted_run_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -192,6 +216,35 @@ def test_parse_iperf3() -> None:
     assert load.parse_iperf3(out).gbps == 4.0
     with pytest.raises(BenchError):
         load.parse_iperf3(json.dumps({"error": "unable to connect to server"}), 1)
+
+
+PY_SPY_RAW = """\
+process 7:"python -m sidecar run";<module> (sidecar/__main__.py:4);run (asyncio/runners.py:190);\
+Runner.run (asyncio/runners.py:118) 60
+process 7:"python -m sidecar run";<module> (sidecar/__main__.py:4);run (asyncio/runners.py:190);\
+Runner.run (asyncio/runners.py:118);Leg.data_received (sidecar/pump.py:201);Leg.send (sidecar/pump.py:120) 30
+process 7:"python -m sidecar run";<module> (sidecar/__main__.py:4);run (asyncio/runners.py:190);\
+Runner.run (asyncio/runners.py:118);Leg.data_received (sidecar/pump.py:205);Leg.send (sidecar/pump.py:124) 10
+not a stack line
+"""
+
+
+def test_parse_py_spy() -> None:
+    stacks = profile.parse_collapsed(PY_SPY_RAW)
+    assert sum(stacks.values()) == 100
+    p = profile.Profile("keepalive", "server", stacks, 1.0, 3.0)
+    # lines of one function merge; the process frame is dropped
+    assert p.self_share() == [("Runner.run (runners.py)", 60.0), ("Leg.send (pump.py)", 40.0)]
+    # the trunk (on every stack) is left out of total
+    assert p.total_share() == [("Leg.data_received (pump.py)", 40.0), ("Leg.send (pump.py)", 40.0)]
+    text = profile.markdown([p], profile_settings())
+    assert "CPU 4.00 s, 75% of it in the kernel" in text
+
+
+def profile_settings() -> Any:
+    from bench.runner import Settings
+
+    return Settings(pairs=("sidecar",))
 
 
 def test_parse_server_logs() -> None:
