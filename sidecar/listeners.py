@@ -238,6 +238,7 @@ class ProxyConnection(Connection):
         self.resumed = False
         self._timer: asyncio.TimerHandle | None = None
         self._dial_task: asyncio.Task[None] | None = None
+        self._dialled: Leg | None = None
         self._handshake_started = 0.0
         self._flushed = (0, 0)
         self._idle_since = loop.time()
@@ -281,15 +282,16 @@ class ProxyConnection(Connection):
             return False
         return True
 
-    def dial(self, target: Address, make_leg: Callable[[], Leg]) -> None:
-        self._dial_task = self.loop.create_task(self._dial(target, make_leg))
+    def dial(self, target: Address, leg: Leg) -> None:
+        """Connect ``leg`` to ``target``; failing that within ``connect_timeout`` ends the connection."""
+        self._dialled = leg
+        self._dial_task = self.loop.create_task(self._dial(target, leg))
 
-    async def _dial(self, target: Address, make_leg: Callable[[], Leg]) -> None:
+    async def _dial(self, target: Address, leg: Leg) -> None:
         started = time.perf_counter()
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(make_leg, target.host, target.port), self.limits.connect_timeout
-            )
+            async with asyncio.timeout(self.limits.connect_timeout):  # no extra task, unlike wait_for
+                await self.loop.create_connection(lambda: leg, target.host, target.port)
         except TimeoutError:
             self.finish("upstream_error", f"connect to {target} timed out")
             return
@@ -318,7 +320,12 @@ class ProxyConnection(Connection):
     def cancel_pending(self) -> None:
         self._cancel_handshake_timer()
         if self._dial_task is not None:
-            self._dial_task.cancel()
+            # uvloop can hand the leg its transport (and the handshake can even finish) before
+            # create_connection returns; cancelling it then closes that transport without ever
+            # calling connection_lost, and the connection would never end. A connected leg is
+            # closed like any other; only a dial still connecting is cancelled.
+            if self._dialled is None or self._dialled.transport is None:
+                self._dial_task.cancel()
             self._dial_task = None
 
     def tick(self, now: float) -> None:
@@ -396,8 +403,7 @@ class InboundConnection(ProxyConnection):
             self.refuse("denied", f"identity {self.peer.describe()} is not in allow", leg)
             return
         self.up = Leg(self)
-        up = self.up
-        self.dial(self.spec.forward, lambda: up)
+        self.dial(self.spec.forward, self.up)
 
     def on_lost_before_streaming(self, leg: Leg, exc: Exception | None) -> None:
         if leg is self.down and not leg.handshake_done:
@@ -429,9 +435,8 @@ class OutboundConnection(ProxyConnection):
     def leg_connected(self, leg: Leg) -> None:
         if leg is self.down:
             self.client = peer_address(leg.transport)
-            up = self.up
-            assert up is not None
-            self.dial(self.spec.upstream, lambda: up)
+            assert self.up is not None
+            self.dial(self.spec.upstream, self.up)
         else:
             self.arm_handshake_timer()
 

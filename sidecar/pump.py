@@ -63,6 +63,9 @@ class Leg(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        if self.conn.closing:  # dialled, but the connection ended meanwhile: connection_lost follows
+            self.transport.abort()
+            return
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         # uvloop starts reading only after connection_made returns, undoing a pause made here; the
         # callback runs before the loop next polls for I/O, so nothing is read before it.
