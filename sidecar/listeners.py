@@ -308,7 +308,10 @@ class ProxyConnection(Connection):
         if not leg.handshake_done:
             self._cancel_handshake_timer()
             self.handshake_failed(tlserrors.classify(exc))
-            self.finish("tls_error", ssl_error_text(exc), abort=True)
+            leg.abort()  # its alert is sent; nothing more is owed to a peer that failed its handshake
+            # the app's leg, if there is one, closes cleanly: end of data, never a reset it could
+            # get for bytes it sent that we never read
+            self.finish("tls_error", ssl_error_text(exc))
         else:
             self.finish("tls_error" if isinstance(exc, ssl.SSLError) else "ok", ssl_error_text(exc), abort=True)
 
