@@ -9,6 +9,7 @@ Every connection is counted and logged exactly once, when it ends.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -275,7 +276,7 @@ class ProxyConnection(Connection):
         self.resumed = leg.tls.session_reused
         cert = leg.tls.getpeercert()
         self.peer = from_peercert(cert)
-        if self.resumed and cert and ssl.cert_time_to_seconds(str(cert["notAfter"])) < time.time():
+        if self.resumed and cert and _not_after(str(cert["notAfter"])) < time.time():
             # a ticket can outlive the certificate it was issued for: that peer must handshake anew
             self.handshake_failed("expired")
             self.refuse("tls_error", "resumed a session of a certificate that has expired since", leg)
@@ -481,3 +482,10 @@ class OutboundConnection(ProxyConnection):
             self.finish("upstream_error", "upstream closed during handshake")
         else:
             self.finish("ok", "client closed before streaming")
+
+
+@functools.lru_cache(maxsize=1024)
+def _not_after(text: str) -> float:
+    """A certificate's notAfter as epoch seconds; parsed once per distinct certificate (strptime
+    showed in the new-connection profile)."""
+    return ssl.cert_time_to_seconds(text)
