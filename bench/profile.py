@@ -24,10 +24,9 @@ from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
-from . import backends, checks, tools
-from . import certs as certs_mod
-from .pairs import PAIRS, Ctx
-from .procs import BenchError, Procs, cpu_split, raise_fd_limit
+from . import checks, tools
+from .pairs import PAIRS
+from .procs import BenchError, Procs, cpu_split
 from .runner import Bench, Settings, require_tools
 
 WORKLOADS = ("keepalive", "newconn", "bulk_up", "bulk_down")
@@ -115,13 +114,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     profiles: list[Profile] = []
     with Procs(keep_tmp=args.keep_tmp) as procs:
         bench = Bench(settings, procs, found)
-        env = bench.env()
-        fd_limit = raise_fd_limit()
-        certs = certs_mod.make(procs.folder("pki"))
-        b = backends.start(procs, found, env, tools_load=settings.load == "tools", fd_limit=fd_limit)
-        ctx = Ctx(procs, found, certs, b, env, fd_limit, settings.workers)
+        ctx = bench.setup()
         running = PAIRS["sidecar"].start(ctx, resume=settings.resume)
-        checks.check(running, certs)
+        checks.check(running, ctx.certs)
         client, server = running.procs
         for workload in WORKLOADS:
             spies = {}
@@ -129,7 +124,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 raw = procs.folder("profile") / f"{workload}-{side}.txt"
                 argv = [py_spy, "record", "--pid", str(proc.pid), "--rate", str(RATE), "--format", "raw"]
                 argv += ["--nonblocking", "--subprocesses", "--duration", str(math.ceil(settings.duration) + 1)]
-                spies[side] = (procs.start(f"py-spy-{side}", [*argv, "-o", str(raw)], env=env), raw)
+                spies[side] = (procs.start(f"py-spy-{side}", [*argv, "-o", str(raw)], env=ctx.env), raw)
             for spy, _ in spies.values():
                 spy.wait_for(lambda text: "Sampling process" in text, "py-spy attached")
             before = {side: cpu_split(p.pids()) for side, p in zip(SIDES, (client, server), strict=True)}

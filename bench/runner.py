@@ -94,15 +94,19 @@ class Bench:
                 self.info[f"{name}+resume"] = {"status": "n/a", "reason": reason}
         return variants
 
-    def run(self) -> None:
-        s = self.settings
+    def setup(self) -> Ctx:
+        """Certificates and backends: what every pair is started with."""
         fd_limit = raise_fd_limit()
         env = self.env()
         certs = certs_mod.make(self.procs.folder("pki"))
-        tools_load = s.load == "tools"
+        tools_load = self.settings.load == "tools"
         b = backends.start(self.procs, self.tools, env, tools_load=tools_load, fd_limit=fd_limit)
         self.backends = {"http": b.http_kind, "bulk": b.bulk_kind}
-        ctx = Ctx(self.procs, self.tools, certs, b, env, fd_limit, s.workers)
+        return Ctx(self.procs, self.tools, certs, b, env, fd_limit, self.settings.workers)
+
+    def run(self) -> None:
+        s = self.settings
+        ctx = self.setup()
         variants = self.plan()
         for rep in range(s.reps):
             shift = rep % len(variants)
