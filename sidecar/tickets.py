@@ -6,8 +6,8 @@ kernel happened to hand its next connection to the same worker (1 in N). nginx a
 one key set across workers; Python's ``ssl`` has no call for it (``SSL_CTX_set_tlsext_ticket_keys``),
 so this module makes that one call through ``libssl`` (ctypes) and checks that it reached the
 right ``SSL_CTX`` (the options OpenSSL reports equal the context's, and the keys read back equal
-the keys set). Any mismatch leaves the context as it was: tickets then
-stay per worker, which costs speed, never security.
+the keys set). Any mismatch leaves the context as it was: tickets then stay per worker, which
+costs speed, never security.
 """
 
 from __future__ import annotations
