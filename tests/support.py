@@ -42,6 +42,49 @@ class CertFiles:
         return self.issued.cert.serial_number
 
 
+class MemoryLink:
+    """A client and a server ``SSLObject`` joined by memory BIOs: a real TLS handshake, no sockets.
+
+    Created before the handshake, so a test can act on the client first (offer a session)."""
+
+    def __init__(
+        self, client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, server_hostname: str | None = None
+    ) -> None:
+        self.c_in, self.c_out, self.s_in, self.s_out = (ssl.MemoryBIO() for _ in range(4))
+        self.client = client_ctx.wrap_bio(self.c_in, self.c_out, server_side=False, server_hostname=server_hostname)
+        self.server = server_ctx.wrap_bio(self.s_in, self.s_out, server_side=True)
+
+    def handshake(self) -> None:
+        """Pump bytes until both ends are done, then echo one message each way (the client reads
+        any session ticket with the reply)."""
+        done = {"client": False, "server": False}
+        for _ in range(20):
+            for side, obj in (("client", self.client), ("server", self.server)):
+                if not done[side]:
+                    try:
+                        obj.do_handshake()
+                        done[side] = True
+                    except ssl.SSLWantReadError:
+                        pass
+            self.s_in.write(self.c_out.read())
+            self.c_in.write(self.s_out.read())
+            if all(done.values()):
+                break
+        assert all(done.values()), f"handshake did not finish: {done}"
+        self.client.write(b"ping")
+        self.s_in.write(self.c_out.read())
+        assert self.server.read(4) == b"ping"
+        self.server.write(b"pong")
+        self.c_in.write(self.s_out.read())
+        assert self.client.read(4) == b"pong"
+
+    def close_cleanly(self) -> None:
+        """Both ends send close_notify."""
+        for obj in (self.client, self.server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                obj.unwrap()
+
+
 class CertFactory:
     """Issues leaves from a CA into a folder; ``ca_file`` is the trust bundle for sidecars."""
 

@@ -4,7 +4,6 @@ counts the session resumable). Handshakes run in memory over ``ssl.MemoryBIO``."
 
 from __future__ import annotations
 
-import contextlib
 import ssl
 from typing import Any
 
@@ -12,7 +11,7 @@ import pytest
 from cryptography import x509
 
 from sidecar.libssl import resume
-from tests.support import CertFactory, CertFiles
+from tests.support import CertFactory, CertFiles, MemoryLink
 
 
 def _context(protocol: ssl._SSLMethod, leaf: CertFiles, ca: CertFactory) -> ssl.SSLContext:
@@ -25,42 +24,6 @@ def _context(protocol: ssl._SSLMethod, leaf: CertFiles, ca: CertFactory) -> ssl.
     else:
         ctx.check_hostname = False
     return ctx
-
-
-class Link:
-    """A client and a server SSLObject joined in memory."""
-
-    def __init__(self, server: ssl.SSLContext, client: ssl.SSLContext, session: ssl.SSLSession | None = None) -> None:
-        self.s_in, self.s_out, self.c_in, self.c_out = (ssl.MemoryBIO() for _ in range(4))
-        self.server = server.wrap_bio(self.s_in, self.s_out, server_side=True)
-        self.client = client.wrap_bio(self.c_in, self.c_out)
-        self.resumed_by_libssl = session is not None and resume(self.client, client, session)
-
-    def handshake(self) -> None:
-        done: set[str] = set()
-        for _ in range(10):
-            for name, obj in (("client", self.client), ("server", self.server)):
-                if name not in done:
-                    try:
-                        obj.do_handshake()
-                        done.add(name)
-                    except ssl.SSLWantReadError:
-                        pass
-            self.s_in.write(self.c_out.read())
-            self.c_in.write(self.s_out.read())
-        assert done == {"client", "server"}
-        # the ticket comes after the handshake: let the client read it
-        self.client.write(b"ping")
-        self.s_in.write(self.c_out.read())
-        assert self.server.read(4) == b"ping"
-        self.server.write(b"pong")
-        self.c_in.write(self.s_out.read())
-        assert self.client.read(4) == b"pong"
-
-    def close_cleanly(self) -> None:
-        for obj in (self.client, self.server):
-            with contextlib.suppress(ssl.SSLWantReadError):
-                obj.unwrap()
 
 
 @pytest.fixture
@@ -77,8 +40,8 @@ def _uris_of(leaf: CertFiles) -> list[str]:
     return san.get_values_for_type(x509.UniformResourceIdentifier)
 
 
-def _first_session(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[Link, ssl.SSLSession]:
-    first = Link(server, client)
+def _first_session(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[MemoryLink, ssl.SSLSession]:
+    first = MemoryLink(client, server)
     first.handshake()
     assert not first.client.session_reused
     session = first.client.session
@@ -93,8 +56,8 @@ def test_an_offered_session_resumes_with_both_identities(
     first, session = _first_session(server, client)
     first.close_cleanly()
     for _ in range(3):  # one session, offered on several connections
-        link = Link(server, client, session)
-        assert link.resumed_by_libssl
+        link = MemoryLink(client, server)
+        assert resume(link.client, client, session)
         link.handshake()
         assert link.client.session_reused and link.server.session_reused
         # the identities a resumed peer is held to come from the session: still there
@@ -126,8 +89,8 @@ def test_a_session_openssl_gave_up_on_is_not_offered(contexts: tuple[ssl.SSLCont
     server, client = contexts
     first, session = _first_session(server, client)
     del first  # freed after its handshake, no close_notify sent
-    link = Link(server, client, session)
-    assert not link.resumed_by_libssl
+    link = MemoryLink(client, server)
+    assert not resume(link.client, client, session)
     link.client.session = session
     link.handshake()
     assert link.client.session_reused

@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar import pki
 from sidecar.errors import PKIError
+from tests.support import MemoryLink
 
 # --- in-memory TLS --------------------------------------------------------------------------------
 
@@ -57,28 +58,10 @@ def _load_trust(ctx: ssl.SSLContext, trust: str | Path) -> None:
 def _handshake(
     client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext, server_hostname: str
 ) -> tuple[ssl.SSLObject, ssl.SSLObject]:
-    """Run both ends of a handshake by pumping bytes between memory BIOs, then echo one message."""
-    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-    client = client_ctx.wrap_bio(c_in, c_out, server_side=False, server_hostname=server_hostname)
-    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    done = {"client": False, "server": False}
-    for _ in range(20):
-        for side, obj in (("client", client), ("server", server)):
-            if not done[side]:
-                try:
-                    obj.do_handshake()
-                    done[side] = True
-                except ssl.SSLWantReadError:
-                    pass
-        s_in.write(c_out.read())
-        c_in.write(s_out.read())
-        if all(done.values()):
-            break
-    assert all(done.values()), f"handshake did not finish: {done}"
-    client.write(b"ping")
-    s_in.write(c_out.read())
-    assert server.read(4) == b"ping"
-    return client, server
+    """Run both ends of a handshake in memory, then echo one message."""
+    link = MemoryLink(client_ctx, server_ctx, server_hostname)
+    link.handshake()
+    return link.client, link.server
 
 
 def _peer(obj: ssl.SSLObject) -> dict[str, Any]:
