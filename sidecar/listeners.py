@@ -239,7 +239,6 @@ class ProxyConnection(Connection):
         self.resumed = False
         self._timer: asyncio.TimerHandle | None = None
         self._dial_task: asyncio.Task[None] | None = None
-        self._dialled: Leg | None = None
         self._handshake_started = 0.0
         self._flushed = (0, 0)
         self._idle_since = loop.time()
@@ -283,10 +282,11 @@ class ProxyConnection(Connection):
             return False
         return True
 
-    def dial(self, target: Address, leg: Leg) -> None:
-        """Connect ``leg`` to ``target``; failing that within ``connect_timeout`` ends the connection."""
-        self._dialled = leg
-        self._dial_task = self.loop.create_task(self._dial(target, leg))
+    def dial(self, target: Address) -> None:
+        """Connect the ``up`` leg (the one we dial, both ways) to ``target``; failing that within
+        ``connect_timeout`` ends the connection."""
+        assert self.up is not None
+        self._dial_task = self.loop.create_task(self._dial(target, self.up))
 
     async def _dial(self, target: Address, leg: Leg) -> None:
         started = time.perf_counter()
@@ -328,7 +328,7 @@ class ProxyConnection(Connection):
             # create_connection returns; cancelling it then closes that transport without ever
             # calling connection_lost, and the connection would never end. A connected leg is
             # closed like any other; only a dial still connecting is cancelled.
-            if self._dialled is None or self._dialled.transport is None:
+            if self.up is None or self.up.transport is None:
                 self._dial_task.cancel()
             self._dial_task = None
 
@@ -407,7 +407,7 @@ class InboundConnection(ProxyConnection):
             self.refuse("denied", f"identity {self.peer.describe()} is not in allow", leg)
             return
         self.up = Leg(self)
-        self.dial(self.spec.forward, self.up)
+        self.dial(self.spec.forward)
 
     def on_lost_before_streaming(self, leg: Leg, exc: Exception | None) -> None:
         if leg is self.down and not leg.handshake_done:
@@ -439,8 +439,7 @@ class OutboundConnection(ProxyConnection):
     def leg_connected(self, leg: Leg) -> None:
         if leg is self.down:
             self.client = peer_address(leg.transport)
-            assert self.up is not None
-            self.dial(self.spec.upstream, self.up)
+            self.dial(self.spec.upstream)
         else:
             self.arm_handshake_timer()
 
