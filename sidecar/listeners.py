@@ -140,7 +140,9 @@ class SessionCache:
 
     A session is used only with the very context that made it, so a reload (new contexts) drops it;
     it is stored only after the upstream's identity was accepted, and it is not used past
-    ``lifetime`` seconds or its own ticket lifetime. ``lifetime`` 0 turns resumption off.
+    ``lifetime`` seconds or its own ticket lifetime. Ages count from OpenSSL's session time, which
+    has whole seconds: a session may be dropped up to a second early, never late. ``lifetime`` 0
+    turns resumption off.
     """
 
     def __init__(self, lifetime: float) -> None:

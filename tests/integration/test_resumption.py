@@ -210,14 +210,16 @@ def test_cached_sessions_expire(
     inbound = start_sidecar(inbound_config(tmp_path / "in.yaml", ca.leaf("orders"), ca, backend))
     sidecars.append(inbound)
     outbound = start_sidecar(
-        outbound_config(tmp_path / "out.yaml", ca.leaf("frontend"), ca, inbound.port("orders"), session_lifetime="1s")
+        outbound_config(tmp_path / "out.yaml", ca.leaf("frontend"), ca, inbound.port("orders"), session_lifetime="2s")
     )
     sidecars.append(outbound)
     port = outbound.port("orders")
+    # OpenSSL dates a session in whole seconds, so its age reads up to 1 s high: a lifetime of 2 s
+    # keeps the second call inside it whatever the clock's fraction, and 2.2 s later it is over
     for i in range(2):
         app_call(port)
         outbound.wait_access(i + 1)
-    time.sleep(1.5)
+    time.sleep(2.2)
     app_call(port)
     assert resumed_flags(outbound, 3) == [False, True, False]
 
