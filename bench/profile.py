@@ -117,19 +117,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         ctx = bench.setup()
         running = PAIRS["sidecar"].start(ctx, resume=settings.resume)
         checks.check(running, ctx.certs)
-        client, server = running.procs
+        sides = dict(zip(SIDES, running.procs, strict=True))  # Running.procs is (client, server)
         for workload in WORKLOADS:
             spies = {}
-            for side, proc in zip(SIDES, (client, server), strict=True):
+            for side, proc in sides.items():
                 raw = procs.folder("profile") / f"{workload}-{side}.txt"
                 argv = [py_spy, "record", "--pid", str(proc.pid), "--rate", str(RATE), "--format", "raw"]
                 argv += ["--nonblocking", "--subprocesses", "--duration", str(math.ceil(settings.duration) + 1)]
                 spies[side] = (procs.start(f"py-spy-{side}", [*argv, "-o", str(raw)], env=ctx.env), raw)
             for spy, _ in spies.values():
                 spy.wait_for(lambda text: "Sampling process" in text, "py-spy attached")
-            before = {side: cpu_split(p.pids()) for side, p in zip(SIDES, (client, server), strict=True)}
+            before = {side: cpu_split(proc.pids()) for side, proc in sides.items()}
             values = bench.measure(ctx, running, workload, {"notes": []})
-            for side, proc in zip(SIDES, (client, server), strict=True):
+            for side, proc in sides.items():
                 spy, raw = spies[side]
                 spy.wait_for(lambda text: "Wrote raw" in text, "py-spy's samples", timeout=settings.duration + 30)
                 (u1, s1), (u0, s0) = cpu_split(proc.pids()), before[side]
