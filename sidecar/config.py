@@ -98,7 +98,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     log: Log = field(default_factory=Log)
     workers: int = 1  # processes serving the listeners; ``auto`` in YAML is the number of cores
-    source: Path | None = None
+    path: Path | None = None  # the file it was loaded from
 
 
 def resolve_path(explicit: str | None) -> Path:
@@ -122,10 +122,10 @@ def load(path: Path) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise ConfigError(f"config file '{path}': not valid YAML{where}: {problem}") from None
-    return parse(data, base_dir=path.parent, source=path)
+    return parse(data, base_dir=path.parent, path=path)
 
 
-def parse(data: Any, *, base_dir: Path, source: Path | None = None) -> Config:
+def parse(data: Any, *, base_dir: Path, path: Path | None = None) -> Config:
     top = _mapping(data, "", required={"tls"}, optional={"inbound", "outbound", "admin", "limits", "log", "workers"})
     cfg = Config(
         tls=_tls(top["tls"], "tls", base_dir),
@@ -137,7 +137,7 @@ def parse(data: Any, *, base_dir: Path, source: Path | None = None) -> Config:
         limits=_limits(top.get("limits") or {}, "limits"),
         log=_log(top.get("log") or {}, "log"),
         workers=_workers(top.get("workers", 1), "workers"),
-        source=source,
+        path=path,
     )
     if not cfg.inbound and not cfg.outbound:
         raise ConfigError("inbound/outbound: at least one listener is required")

@@ -63,7 +63,7 @@ class Sidecar:
             on_reload=self._count_reload if channel is None else None,
             before_publish=self.pool.push if self.pool is not None else None,
         )
-        self.store.listeners.append(self._on_material)
+        self.store.subscribers.append(self._on_material)
         self.watcher = CertWatcher(cfg.tls.paths(), self._reload_quietly)
         self._expiry_warned: int | None = None
         self.listeners: list[Listener] = []

@@ -14,7 +14,7 @@ import os
 import ssl
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,24 +79,10 @@ class Material:
     generation: int
     # The files' bytes as read, by path: how a supervisor hands the very same generation to its
     # workers. Holds the private key: never logged, never in a repr.
-    source: Mapping[Path, bytes] = field(repr=False, compare=False, default_factory=dict)
+    file_bytes: Mapping[Path, bytes] = field(repr=False, compare=False, default_factory=dict)
 
     def client_ctx(self, *, verify_hostname: bool) -> ssl.SSLContext:
         return self.client_ctx_hostname if verify_hostname else self.client_ctx_identity
-
-    def chain_problem(self) -> str | None:
-        """Why the identity chain does not lead to a CA of the bundle, or None when it does."""
-        current, intermediates = self.chain[0], list(self.chain[1:])
-        for _ in range(len(intermediates) + 1):
-            for ca in self.cas:
-                if _issued_by(current, ca):
-                    return None
-            nxt = next((c for c in intermediates if _issued_by(current, c)), None)
-            if nxt is None:
-                break
-            intermediates.remove(nxt)
-            current = nxt
-        return f"certificate '{current.subject.rfc4514_string()}' is not issued by any CA in the bundle"
 
 
 class TLSStore:
@@ -117,7 +103,7 @@ class TLSStore:
         self.reloads_ok = 0
         self.reloads_error = 0
         self.last_error: str | None = None
-        self.listeners: list[Callable[[Material], None]] = []
+        self.subscribers: list[Callable[[Material], None]] = []
 
     @property
     def material(self) -> Material:
@@ -129,20 +115,22 @@ class TLSStore:
     def loaded(self) -> bool:
         return self._material is not None
 
-    async def load(self, source: Mapping[Path, bytes] | None = None, ticket_keys: bytes | None = None) -> Material:
+    async def load(self, file_bytes: Mapping[Path, bytes] | None = None, ticket_keys: bytes | None = None) -> Material:
         """First load: like ``reload`` but a failure is fatal to the caller."""
-        material = await asyncio.to_thread(load_material, self.files, 1, source=source, ticket_keys=ticket_keys)
+        material = await asyncio.to_thread(load_material, self.files, 1, file_bytes=file_bytes, ticket_keys=ticket_keys)
         self._publish(material)
         return material
 
-    async def reload(self, source: Mapping[Path, bytes] | None = None, ticket_keys: bytes | None = None) -> Material:
-        """Re-read every file (or take their bytes from ``source``); publish on success, keep the
+    async def reload(
+        self, file_bytes: Mapping[Path, bytes] | None = None, ticket_keys: bytes | None = None
+    ) -> Material:
+        """Re-read every file (or take their bytes from ``file_bytes``); publish on success, keep the
         old material and raise on failure."""
         async with self._lock:
             generation = self._material.generation + 1 if self._material else 1
             try:
                 material = await asyncio.to_thread(
-                    load_material, self.files, generation, source=source, ticket_keys=ticket_keys
+                    load_material, self.files, generation, file_bytes=file_bytes, ticket_keys=ticket_keys
                 )
             except CertificateError as exc:
                 self.reloads_error += 1
@@ -161,8 +149,8 @@ class TLSStore:
 
     def _publish(self, material: Material) -> None:
         self._material = material
-        for listener in self.listeners:
-            listener(material)
+        for subscriber in self.subscribers:
+            subscriber(material)
 
 
 def load_material(
@@ -170,15 +158,16 @@ def load_material(
     generation: int = 1,
     *,
     now: datetime | None = None,
-    source: Mapping[Path, bytes] | None = None,
+    file_bytes: Mapping[Path, bytes] | None = None,
     ticket_keys: bytes | None = None,
 ) -> Material:
-    """Read, validate and build contexts (blocking: run it in a thread).
+    """Read, validate (key matches, leaf valid now, chain leads to the bundle) and build contexts
+    (blocking: run it in a thread).
 
-    ``source``: the files' bytes already read (by the supervisor), instead of reading the disk.
+    ``file_bytes``: the files' bytes already read (by the supervisor), instead of reading the disk.
     ``ticket_keys``: session-ticket keys shared by every worker of a supervisor (``tickets.py``).
     """
-    read = _Reader(source)
+    read = _Reader(file_bytes)
     chain = _read_certs(read(files.cert, "certificate"), files.cert, "certificate")
     key = _read_key(read(files.key, "key"), files.key)
     leaf = chain[0]
@@ -187,6 +176,9 @@ def load_material(
     _check_validity(leaf, files.cert, now or datetime.now(UTC))
     cas = _read_certs(read(files.ca, "CA bundle"), files.ca, "CA bundle")
     crl_pem = _read_crls(read(files.crl, "CRL"), files.crl) if files.crl is not None else None
+    problem = chain_problem(chain, cas)
+    if problem:
+        raise CertificateError(f"certificate '{files.cert}': {problem} '{files.ca}'")
 
     cert_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
     key_pem = key.private_bytes(
@@ -215,8 +207,23 @@ def load_material(
         ca_infos=tuple(CertInfo.of(c) for c in cas),
         loaded_at=time.time(),
         generation=generation,
-        source=read.seen,
+        file_bytes=read.seen,
     )
+
+
+def chain_problem(chain: Sequence[x509.Certificate], cas: Sequence[x509.Certificate]) -> str | None:
+    """Why ``chain`` (leaf first) does not lead to a CA of ``cas``, or None when it does."""
+    current, intermediates = chain[0], list(chain[1:])
+    for _ in range(len(intermediates) + 1):
+        for ca in cas:
+            if _issued_by(current, ca):
+                return None
+        nxt = next((c for c in intermediates if _issued_by(current, c)), None)
+        if nxt is None:
+            break
+        intermediates.remove(nxt)
+        current = nxt
+    return f"certificate '{current.subject.rfc4514_string()}' is not issued by any CA in the bundle"
 
 
 def _context(protocol: ssl._SSLMethod, pair: str, ca_pem: bytes, crl: str | None, files: TLSFiles) -> ssl.SSLContext:
@@ -235,17 +242,17 @@ def _context(protocol: ssl._SSLMethod, pair: str, ca_pem: bytes, crl: str | None
 
 
 class _Reader:
-    """Reads each file once, from ``source`` when given, and remembers what it read."""
+    """Reads each file once, from ``given`` bytes when handed over, and remembers what it read."""
 
-    def __init__(self, source: Mapping[Path, bytes] | None) -> None:
-        self.source = source
+    def __init__(self, given: Mapping[Path, bytes] | None) -> None:
+        self.given = given
         self.seen: dict[Path, bytes] = {}
 
     def __call__(self, path: Path, what: str) -> bytes:
-        if self.source is not None:
-            if path not in self.source:
+        if self.given is not None:
+            if path not in self.given:
                 raise CertificateError(f"{what} file '{path}': not among the files handed over")
-            data = self.source[path]
+            data = self.given[path]
         else:
             try:
                 data = path.read_bytes()

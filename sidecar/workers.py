@@ -196,7 +196,8 @@ class WorkerPool:
         """Hand ``material`` to every running worker; the problems, one per worker that failed."""
         self._material, self._ticket_keys = material, new_keys()  # a reload voids every ticket issued before
         self._pushes += 1
-        results = await asyncio.gather(*(self._push_one(slot, material.source, self._pushes) for slot in self._slots))
+        pushes = (self._push_one(slot, material.file_bytes, self._pushes) for slot in self._slots)
+        results = await asyncio.gather(*pushes)
         return [problem for problem in results if problem]
 
     async def _push_one(self, slot: _Slot, source: Mapping[Path, bytes], number: int) -> str | None:
@@ -266,7 +267,7 @@ class WorkerPool:
         slot.replies = asyncio.Queue()
         try:
             cfg = worker_config(self.cfg, self.count)
-            start = ("start", slot.index, cfg, self._material.source, self._ticket_keys, listen_fds)
+            start = ("start", slot.index, cfg, self._material.file_bytes, self._ticket_keys, listen_fds)
             writer.write(encode(start))
             while (msg := await receive(reader)) is not None:
                 if msg[0] == "ready":

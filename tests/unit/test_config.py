@@ -303,7 +303,7 @@ def test_relative_paths_resolve_against_the_config_files_folder(tmp_path: Path) 
     assert cfg.tls.key == folder / ".." / "keys" / "key.pem"
     assert cfg.tls.ca == Path("/abs/ca.pem")
     assert cfg.tls.crl == folder / "crl.pem"
-    assert cfg.source == path
+    assert cfg.path == path
 
 
 def test_missing_config_file_names_it(tmp_path: Path) -> None:
