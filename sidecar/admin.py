@@ -13,19 +13,17 @@ import asyncio
 import json
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .config import Address
-from .errors import CertificateError, SidecarError
+from .errors import SidecarError
 from .logs import event
-from .tls import CertInfo, Material
-
-if TYPE_CHECKING:
-    from .server import Sidecar
+from .metrics import Metrics
+from .tls import CertInfo, Material, TLSStore
 
 log = logging.getLogger("sidecar.admin")
 
@@ -36,11 +34,27 @@ MAX_LINE = 4096  # request line and each header line
 MAX_HEADERS = 32
 
 
+class Status(Protocol):
+    """What the admin server may see and do of the process: read its state, ask for a reload."""
+
+    @property
+    def store(self) -> TLSStore: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    def not_ready_reasons(self) -> list[str]: ...
+
+    async def reload(self) -> Material:
+        """Reload now; raises ``SidecarError`` (old material kept, or not every worker has it)."""
+        ...
+
+
 class AdminServer:
     """``admin.listen``: started after the TLS material loads and before listeners bind."""
 
-    def __init__(self, sidecar: Sidecar, listen: Address, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
-        self.sidecar = sidecar
+    def __init__(self, status: Status, listen: Address, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.status = status
         self.listen = listen
         self.idle_timeout = idle_timeout
         self.bound: Address | None = None
@@ -91,17 +105,16 @@ class AdminServer:
         return _json({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        reasons = self.sidecar.not_ready_reasons()
+        reasons = self.status.not_ready_reasons()
         if reasons:
             return _json({"ready": False, "reason": "; ".join(reasons), "reasons": reasons}, status=503)
         return _json({"ready": True})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        store = self.sidecar.store
-        metrics = self.sidecar.metrics
-        assert metrics is not None  # only a worker has none, and a worker runs no admin server
+        store = self.status.store
+        metrics = self.status.metrics
         material = store.material if store.loaded else None
-        metrics.observe_state(ready=not self.sidecar.not_ready_reasons(), material=material)
+        metrics.observe_state(ready=not self.status.not_ready_reasons(), material=material)
         if metrics.reads_files:  # a supervisor sums its workers' files: off the event loop
             body = await asyncio.to_thread(generate_latest, metrics.registry)
         else:  # CPU work proportional to the number of series: small and bounded (metrics.py)
@@ -109,7 +122,7 @@ class AdminServer:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST, "Cache-Control": "no-store"})
 
     async def certs(self, request: web.Request) -> web.Response:
-        store = self.sidecar.store
+        store = self.status.store
         if not store.loaded:
             return _json({"error": "TLS material not loaded yet"}, status=503)
         material = store.material
@@ -128,8 +141,8 @@ class AdminServer:
         event(log, logging.INFO, "reload requested", by="POST /reload", client=request.remote)
         try:
             material = await self._reload()
-        except CertificateError as exc:
-            store = self.sidecar.store
+        except SidecarError as exc:
+            store = self.status.store
             kept = identity_json(store.material) if store.loaded else None
             return _json({"reloaded": False, "error": str(exc), "identity": kept}, status=500)
         return _json({"reloaded": True, "identity": identity_json(material)})
@@ -148,7 +161,7 @@ class AdminServer:
     async def _run_queued(self) -> Material:
         async with self._reloading:
             self._queued = None  # from here on, newcomers need a reload that starts after this one
-            return await self.sidecar.reload()
+            return await self.status.reload()
 
 
 def identity_json(material: Material) -> dict[str, Any]:

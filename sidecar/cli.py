@@ -82,13 +82,13 @@ def _run(config_arg: str | None) -> int:
 
     from . import config as config_mod
     from . import logs
-    from .server import Sidecar
+    from .server import build
 
     cfg = config_mod.load(config_mod.resolve_path(config_arg))
     logs.setup(cfg.log.level, cfg.log.format)
 
     async def serve() -> None:
-        await Sidecar(cfg).run()
+        await build(cfg).run()
 
     uvloop.run(serve())
     return EXIT_OK

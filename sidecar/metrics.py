@@ -14,12 +14,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from . import __version__
+from .record import Outcome, Record
 from .tlserrors import REASONS
 
 if TYPE_CHECKING:
     from .tls import Material
 
-OUTCOMES = ("ok", "denied", "tls_error", "upstream_error", "timeout", "limit")
+OUTCOMES = tuple(Outcome)
 
 HANDSHAKE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DURATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
@@ -142,7 +143,7 @@ class Metrics(DataMetrics):
 
 
 class ListenerMetrics:
-    """One listener's label-bound metric children."""
+    """One listener's label-bound metric children, and what they count from a connection's life."""
 
     def __init__(self, m: DataMetrics, name: str, direction: str) -> None:
         self.name = name
@@ -158,9 +159,28 @@ class ListenerMetrics:
         }
         self._failures = {reason: m.handshake_failures.labels(listener=name, reason=reason) for reason in REASONS}
 
-    def ended(self, outcome: str) -> None:
+    def opened(self) -> None:
+        self.active.inc()
+
+    def finished(self, record: Record) -> None:
+        """A connection ended (one that was opened, and counted as active, until now)."""
+        self.active.dec()
+        self.ended(record.outcome)
+        self.duration.observe(record.duration_ms / 1000)
+
+    def ended(self, outcome: Outcome) -> None:
+        """One more connection ended so (``limit`` ones are counted here alone: never opened)."""
         self._outcomes[outcome].inc()
 
-    def handshake_failed(self, reason: str) -> None:
-        # an unknown reason would be a bug in tlserrors; count it as "other" rather than grow the label set
-        self._failures.get(reason, self._failures["other"]).inc()
+    def handshook(self, seconds: float | None, failure: str | None) -> None:
+        if seconds is not None:
+            self.handshake_seconds.observe(seconds)
+        if failure is not None:
+            # an unknown reason would be a bug in tlserrors; count it as "other" rather than grow the label set
+            self._failures.get(failure, self._failures["other"]).inc()
+
+    def moved(self, to_upstream: int, to_downstream: int) -> None:
+        if to_upstream:
+            self.to_upstream.inc(to_upstream)
+        if to_downstream:
+            self.to_downstream.inc(to_downstream)

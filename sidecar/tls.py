@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .config import TLSFiles
-from .errors import CertificateError
+from .errors import CertificateError, SidecarError, WorkerError
 from .identity import from_certificate
 from .logs import event
 from .tickets import set_ticket_keys
@@ -93,10 +94,10 @@ class TLSStore:
         files: TLSFiles,
         *,
         on_reload: Callable[[bool, str | None], None] | None = None,
-        before_publish: Callable[[Material], Awaitable[object]] | None = None,
+        before_publish: Callable[[Material], Awaitable[list[str]]] | None = None,
     ) -> None:
         self.files = files
-        self._before_publish = before_publish  # a supervisor hands new material to its workers first
+        self._before_publish = before_publish  # a supervisor hands new material to its workers: problems
         self._material: Material | None = None
         self._on_reload = on_reload
         self._lock = asyncio.Lock()
@@ -125,7 +126,8 @@ class TLSStore:
         self, file_bytes: Mapping[Path, bytes] | None = None, ticket_keys: bytes | None = None
     ) -> Material:
         """Re-read every file (or take their bytes from ``file_bytes``); publish on success, keep the
-        old material and raise on failure."""
+        old material and raise ``CertificateError`` on failure. With workers, ``WorkerError`` when
+        the new material is published but not every worker serves it yet."""
         async with self._lock:
             generation = self._material.generation + 1 if self._material else 1
             try:
@@ -133,19 +135,23 @@ class TLSStore:
                     load_material, self.files, generation, file_bytes=file_bytes, ticket_keys=ticket_keys
                 )
             except CertificateError as exc:
-                self.reloads_error += 1
-                self.last_error = str(exc)
-                if self._on_reload:
-                    self._on_reload(False, str(exc))
-                raise
-            if self._before_publish is not None:
-                await self._before_publish(material)
+                self._failed(exc)
+            problems = await self._before_publish(material) if self._before_publish is not None else []
+            self._publish(material)  # what the workers serve, or will once restarted
+            if problems:
+                self._failed(WorkerError("; ".join(problems)))
             self.reloads_ok += 1
             self.last_error = None
-            self._publish(material)
             if self._on_reload:
                 self._on_reload(True, None)
             return material
+
+    def _failed(self, exc: SidecarError) -> NoReturn:
+        self.reloads_error += 1
+        self.last_error = str(exc)
+        if self._on_reload:
+            self._on_reload(False, str(exc))
+        raise exc
 
     def _publish(self, material: Material) -> None:
         self._material = material

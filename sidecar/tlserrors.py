@@ -1,4 +1,5 @@
-"""Naming why a TLS handshake failed, from the real OpenSSL result (the ``reason`` label).
+"""Naming why a TLS handshake failed, from the real OpenSSL result (the ``reason`` label), and
+describing it in a short, key-free text for the access record.
 
 The documented set: no_client_cert, untrusted, expired, not_yet_valid, revoked, crl_unavailable,
 hostname_mismatch, bad_certificate, peer_rejected, protocol_version, protocol, eof, timeout, other.
@@ -71,3 +72,12 @@ def classify(exc: BaseException) -> str:
         reason = getattr(exc, "reason", None) or ""
         return _REASON_CODES.get(reason, "protocol")
     return "other"
+
+
+def describe(exc: BaseException) -> str:
+    """A short, key-free description of a TLS or socket error for logs."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return str(getattr(exc, "reason", None) or exc)
+    return str(exc) or type(exc).__name__

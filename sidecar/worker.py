@@ -1,9 +1,10 @@
-"""One worker process of a sidecar with ``workers: N`` (started by ``workers.WorkerPool``).
+"""One worker process of a sidecar with ``workers: N`` (started by ``supervisor.WorkerPool``).
 
-``python -m sidecar.worker FD``: FD is this worker's end of the control channel. The first
-message carries the config, the TLS files' bytes and the numbers of the inherited listening
-sockets; after that the worker proxies like a single sidecar, reloads when the supervisor pushes
-new material, and drains when told to stop or when the supervisor goes away.
+``python -m sidecar.worker FD``: FD is this worker's end of the control channel (``control.py``).
+The first message (``Start``) carries the config, the TLS files' bytes and the numbers of the
+inherited listening sockets; after that the worker proxies like a single sidecar, serves the
+material its supervisor pushes (``Apply``, answered with ``Applied``), and drains when told to
+stop or when the supervisor goes away.
 """
 
 from __future__ import annotations
@@ -14,75 +15,84 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
-from pathlib import Path
+
+from prometheus_client import CollectorRegistry
 
 from . import logs
-from .config import Config
+from .control import Applied, Apply, Force, Ready, Start, Stop, encode, receive, receive_start
 from .errors import CertificateError
+from .lifecycle import Role
 from .logs import event
-from .server import Sidecar
-from .workers import encode, receive, receive_blocking
+from .metrics import DataMetrics
+from .runtime import Runtime
+from .tls import TLSStore
 
 log = logging.getLogger("sidecar.worker")
 
 
-class WorkerChannel:
-    """The worker's end of the control channel, and what the supervisor handed over at start."""
+class Worker(Role):
+    """Proxies on sockets and TLS material handed over by its supervisor."""
 
-    def __init__(
-        self,
-        sock: socket.socket,
-        index: int,
-        source: Mapping[Path, bytes],
-        ticket_keys: bytes,
-        listen_fds: list[list[int]],
-    ) -> None:
-        self.sock = sock
-        self.index = index
-        self.source = source
-        self.ticket_keys = ticket_keys
-        self.listen_fds = listen_fds
-        self._writer: asyncio.StreamWriter | None = None
+    signals_relayed = True
 
-    def sockets(self, listener_index: int) -> list[socket.socket]:
-        return [socket.socket(fileno=fd) for fd in self.listen_fds[listener_index]]
+    def __init__(self, start: Start, channel: socket.socket) -> None:
+        super().__init__()
+        self.cfg = start.config
+        self.handed = start
+        self.channel = channel
+        self.store = TLSStore(self.cfg.tls)
+        # counts go to the supervisor through prometheus_client's multiprocess files
+        self.runtime = Runtime(self.cfg, self.store, DataMetrics(CollectorRegistry()))
 
-    async def serve(self, sidecar: Sidecar) -> None:
+    async def start(self) -> None:
+        await self.store.load(self.handed.file_bytes, self.handed.ticket_keys)
+        sockets = [[socket.socket(fileno=fd) for fd in fds] for fds in self.handed.listen_fds]
+        await self.runtime.serve(sockets)
+        self.spawn(self._follow())
+
+    def on_force(self) -> None:
+        self.runtime.force()
+
+    async def drain(self) -> None:
+        cut = await self.runtime.drain(self.cfg.limits.drain_timeout)
+        await self.close()
+        event(log, logging.INFO, "stopped", cut_connections=cut)
+
+    async def close(self) -> None:
+        await self.stopping("listeners", self.runtime.close())
+        await self.cancel_tasks()
+
+    async def _follow(self) -> None:
         """Say ready, then follow the supervisor's messages; its going away means stop."""
-        reader, self._writer = await asyncio.open_unix_connection(sock=self.sock)
-        self._writer.write(encode(("ready", os.getpid())))
+        reader, writer = await asyncio.open_unix_connection(sock=self.channel)
+        writer.write(encode(Ready(os.getpid())))
         while (msg := await receive(reader)) is not None:
-            if msg[0] == "tls":
-                _, source, ticket_keys, number = msg
+            if isinstance(msg, Apply):
                 error: str | None = None
                 try:
-                    await sidecar.store.reload(source, ticket_keys)
+                    await self.store.reload(msg.file_bytes, msg.ticket_keys)
                 except CertificateError as exc:
                     error = str(exc)
                     event(log, logging.ERROR, "certificates from the supervisor refused", error=error)
-                self._writer.write(encode(("tls", number, error)))
-            elif msg[0] == "stop":
-                sidecar.request_stop()
-            elif msg[0] == "force":
-                sidecar.force_stop()
-        sidecar.request_stop()
+                writer.write(encode(Applied(msg.number, error)))
+            elif isinstance(msg, Stop):
+                self.request_stop()
+            elif isinstance(msg, Force):
+                self.force_stop()
+        self.request_stop()
 
 
 def main(argv: list[str]) -> int:
-    sock = socket.socket(fileno=int(argv[0]))
-    kind, index, cfg, source, ticket_keys, listen_fds = receive_blocking(sock)
-    assert kind == "start" and isinstance(cfg, Config)
-    logs.setup(cfg.log.level, cfg.log.format, worker=index)
+    channel = socket.socket(fileno=int(argv[0]))
+    start = receive_start(channel)
+    logs.setup(start.config.log.level, start.config.log.format, worker=start.index)
     # The supervisor decides when to stop: a Ctrl-C in a terminal reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     import uvloop
 
-    channel = WorkerChannel(sock, index, source, ticket_keys, listen_fds)
-
     async def serve() -> None:
-        await Sidecar(cfg, channel=channel).run()
+        await Worker(start, channel).run()
 
     uvloop.run(serve())
     return 0

@@ -43,7 +43,7 @@ from support import (
 from sidecar import config as config_mod
 from sidecar.admin import AdminServer
 from sidecar.config import Address
-from sidecar.server import Sidecar
+from sidecar.server import Standalone
 
 IDENTITY_KEYS = {"subject", "spiffe_ids", "dns_names", "serial", "not_before", "not_after", "sha256", "loaded_at"}
 
@@ -281,7 +281,7 @@ def test_admin_port_in_use_is_a_clean_error(tmp_path: Path, ca: CertFactory, ser
 
 async def _in_process(
     tmp_path: Path, ca: CertFactory, leaf: CertFiles, idle_timeout: float = 5.0
-) -> tuple[Sidecar, AdminServer]:
+) -> tuple[Standalone, AdminServer]:
     path = write_config(
         tmp_path / "sc.yaml",
         {
@@ -296,9 +296,9 @@ async def _in_process(
             ],
         },
     )
-    sidecar = Sidecar(config_mod.load(path))
-    admin = AdminServer(sidecar, Address("127.0.0.1", 0), idle_timeout=idle_timeout)
-    await sidecar.store.load()
+    sidecar = Standalone(config_mod.load(path))
+    admin = AdminServer(sidecar.control, Address("127.0.0.1", 0), idle_timeout=idle_timeout)
+    await sidecar.control.store.load()
     await admin.start()
     return sidecar, admin
 
@@ -318,12 +318,12 @@ async def test_readyz_is_503_until_every_listener_is_bound(
                     "reason": "listener orders is not bound",
                     "reasons": ["listener orders is not bound"],
                 }
-            for listener in sidecar.listeners:
+            for listener in sidecar.runtime.listeners:
                 await listener.start()
             async with session.get(url) as resp:
                 assert resp.status == 200
     finally:
-        await sidecar.close_listeners_and_services()
+        await sidecar.close()
         await admin.stop()
 
 

@@ -119,9 +119,9 @@ def test_profile_mode_says_where_the_pair_spends(tmp_path: Path) -> None:
             assert f"## {workload}, {side} side" in text
             stacks = profile.parse_collapsed((tmp_path / md.stem / f"{workload}-{side}.txt").read_text())
             assert sum(stacks.values()) > 0, (workload, side)
-    # the sidecar's own code shows up: the pump under keep-alive, OpenSSL's handshake under new connections
+    # the sidecar's own code shows up: the legs under keep-alive, OpenSSL's handshake under new connections
     keepalive = text.split("## keepalive, server side")[1].split("##")[0]
-    assert "(pump.py)" in keepalive
+    assert "(legs.py)" in keepalive
     newconn = text.split("## newconn, server side")[1].split("##")[0]
     assert "do_handshake" in newconn
 

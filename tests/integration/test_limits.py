@@ -193,7 +193,7 @@ def test_slow_app_reader_slows_the_upstream_and_memory_stays_bounded(
 
 def test_app_bytes_are_not_hoarded_while_the_upstream_handshake_stalls(limited: SidecarProcess) -> None:
     # The app writes at once (as HTTP clients do) while the upstream has not answered the handshake:
-    # at most one read may be held (pump.py), the rest must stay in the app's socket.
+    # at most one read may be held (legs.py), the rest must stay in the app's socket.
     rss_before = limited.rss_kib()
     with plain_connect(limited.port("silent"), timeout=30) as s:
         pushed = push_until_blocked(s)

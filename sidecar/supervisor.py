@@ -1,4 +1,4 @@
-"""Several worker processes behind one sidecar (``workers: N``): the supervisor's side.
+"""Several worker processes behind one sidecar (``workers: N``): the supervisor's pool of them.
 
 The supervisor (the process the operator started) loads the TLS material, runs the admin server,
 watches the certificate files and binds every listener ``N`` times with SO_REUSEPORT, so that the
@@ -23,19 +23,17 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pickle
 import shutil
 import socket
-import struct
 import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import multiprocess
 
 from .config import Config
+from .control import Applied, Apply, Force, Message, Ready, Start, Stop, encode, receive
 from .errors import SidecarError
 from .logs import event
 from .tickets import new_keys
@@ -44,53 +42,10 @@ from .tls import Material
 log = logging.getLogger("sidecar.workers")
 
 START_TIMEOUT = 30.0  # a worker must report ready within this
-PUSH_TIMEOUT = 10.0  # a worker must apply pushed TLS material within this
+# a worker must apply pushed TLS material within this (the environment variable is for tests)
+PUSH_TIMEOUT = float(os.environ.get("SIDECAR_WORKER_PUSH_TIMEOUT", "10"))
 STOP_MARGIN = 5.0  # beyond drain_timeout, before a worker that has not exited is killed
 RESTART_DELAY = 1.0
-_HEADER = struct.Struct("!I")
-MAX_MESSAGE = 16 * 1024 * 1024
-
-Message = tuple[Any, ...]
-
-
-# -- the control channel's framing (both sides) ------------------------------------------------
-
-
-def encode(msg: Message) -> bytes:
-    """A length-prefixed pickle: both ends are this program, over a private socket pair."""
-    body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(body)) + body
-
-
-async def receive(reader: asyncio.StreamReader) -> Message | None:
-    """The next message, or None once the other side has gone."""
-    try:
-        (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-        if size > MAX_MESSAGE:
-            return None  # not this program speaking: treat the channel as gone
-        msg = pickle.loads(await reader.readexactly(size))
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-    assert isinstance(msg, tuple)
-    return msg
-
-
-def receive_blocking(sock: socket.socket) -> Message:
-    """The first message, read before the worker's event loop exists."""
-    (size,) = _HEADER.unpack(_recv_exactly(sock, _HEADER.size))
-    msg = pickle.loads(_recv_exactly(sock, size))
-    assert isinstance(msg, tuple)
-    return msg
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(size - len(buf))
-        if not chunk:
-            raise ConnectionError("the supervisor closed the control channel")
-        buf += chunk
-    return bytes(buf)
 
 
 def worker_config(cfg: Config, workers: int) -> Config:
@@ -109,7 +64,7 @@ class _Slot:
     index: int
     ready: bool = False
     writer: asyncio.StreamWriter | None = None
-    replies: asyncio.Queue[Message] = dataclasses.field(default_factory=asyncio.Queue)
+    replies: asyncio.Queue[Applied] = dataclasses.field(default_factory=asyncio.Queue)
     process: asyncio.subprocess.Process | None = None
 
 
@@ -155,7 +110,7 @@ class WorkerPool:
     async def stop(self, drain_timeout: float) -> None:
         """Tell every worker to drain; wait for them to exit (killing any that overstays)."""
         self._stopping = True
-        await self._broadcast(("stop",))
+        await self._broadcast(Stop())
         procs = [slot.process for slot in self._slots if slot.process is not None]
         waits = [asyncio.ensure_future(p.wait()) for p in procs]
         if waits:
@@ -171,7 +126,7 @@ class WorkerPool:
 
     async def force(self) -> None:
         """A second SIGINT: workers stop waiting for their open connections."""
-        await self._broadcast(("force",))
+        await self._broadcast(Force())
 
     async def close(self) -> None:
         self._stopping = True
@@ -193,28 +148,38 @@ class WorkerPool:
         return [f"worker {slot.index} is not running" for slot in self._slots if not slot.ready]
 
     async def push(self, material: Material) -> list[str]:
-        """Hand ``material`` to every running worker; the problems, one per worker that failed."""
+        """Hand ``material`` to every running worker; the problems, one per worker that failed. A
+        worker that failed is restarted, and takes ``material`` as it starts again."""
         self._material, self._ticket_keys = material, new_keys()  # a reload voids every ticket issued before
         self._pushes += 1
         pushes = (self._push_one(slot, material.file_bytes, self._pushes) for slot in self._slots)
         results = await asyncio.gather(*pushes)
         return [problem for problem in results if problem]
 
-    async def _push_one(self, slot: _Slot, source: Mapping[Path, bytes], number: int) -> str | None:
+    async def _push_one(self, slot: _Slot, file_bytes: Mapping[Path, bytes], number: int) -> str | None:
         if not slot.ready or slot.writer is None:
             return None  # it takes the newest material when it (re)starts
         try:
-            slot.writer.write(encode(("tls", source, self._ticket_keys, number)))
+            slot.writer.write(encode(Apply(number, file_bytes, self._ticket_keys)))
             async with asyncio.timeout(PUSH_TIMEOUT):
-                while (reply := await slot.replies.get())[1] != number:
+                while (reply := await slot.replies.get()).number != number:
                     pass  # the late answer to an earlier push that timed out
         except (TimeoutError, ConnectionError) as exc:
-            problem: str | None = f"worker {slot.index}: no answer to the reload ({type(exc).__name__})"
+            problem: str | None = f"worker {slot.index}: no answer to the reload within {PUSH_TIMEOUT:g} s"
+            if not isinstance(exc, TimeoutError):
+                problem = f"worker {slot.index}: the control channel failed during the reload"
         else:
-            problem = None if reply[2] is None else f"worker {slot.index}: {reply[2]}"
+            problem = None if reply.error is None else f"worker {slot.index}: {reply.error}"
         if problem is not None:
-            event(log, logging.ERROR, "worker did not take the new certificates", problem=problem)
+            event(log, logging.ERROR, "worker did not take the new certificates; restarting it", problem=problem)
+            self._restart(slot)
         return problem
+
+    def _restart(self, slot: _Slot) -> None:
+        """Kill the worker of ``slot``; ``_keep_running`` starts it again with the newest material."""
+        if slot.process is not None and slot.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                slot.process.kill()
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -267,14 +232,13 @@ class WorkerPool:
         slot.replies = asyncio.Queue()
         try:
             cfg = worker_config(self.cfg, self.count)
-            start = ("start", slot.index, cfg, self._material.file_bytes, self._ticket_keys, listen_fds)
-            writer.write(encode(start))
+            writer.write(encode(Start(slot.index, cfg, self._material.file_bytes, self._ticket_keys, listen_fds)))
             while (msg := await receive(reader)) is not None:
-                if msg[0] == "ready":
+                if isinstance(msg, Ready):
                     slot.ready = True
                     self._ready_changed.set()
                     event(log, logging.DEBUG, "worker ready", worker=slot.index, pid=proc.pid)
-                elif msg[0] == "tls":
+                elif isinstance(msg, Applied):
                     slot.replies.put_nowait(msg)
             return await proc.wait()
         finally:

@@ -1,0 +1,75 @@
+"""What each kind of listener does with a connection: the policies the relay asks.
+
+Inbound: we terminate TLS on the connecting side (client certificate required), check ``allow``,
+then dial ``forward``. Outbound: we dial ``upstream`` first, originate TLS (offering the newest
+session from that upstream), check ``server_identity`` (or, without it, OpenSSL checks the host
+name), then let the app's bytes through. A policy only decides; the driver does the I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import Address, Inbound, Outbound, is_ip
+from .identity import Pattern, PeerIdentity, is_allowed
+from .record import Direction
+from .relay import Side
+from .sessions import SessionCache
+from .tls import TLSStore
+from .tlsio import TLSEngine
+
+
+def _refusal(peer: PeerIdentity, patterns: Sequence[Pattern], where: str) -> str | None:
+    if is_allowed(peer, patterns):
+        return None
+    listed = ", ".join(p.text for p in patterns)
+    return f"identity {peer.describe()} is not in {where} [{listed}]"
+
+
+class InboundPolicy:
+    """mTLS in from a peer, plaintext out to ``forward``."""
+
+    direction = Direction.INBOUND
+    tls_side = Side.DOWN
+    sessions = None  # we are the server: tickets are issued by OpenSSL
+
+    def __init__(self, spec: Inbound, store: TLSStore) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.store = store
+
+    def tls_engine(self) -> TLSEngine:
+        return TLSEngine(self.store.material.server_ctx, server_side=True)
+
+    def target(self) -> Address:
+        return self.spec.forward
+
+    def authorize(self, peer: PeerIdentity) -> str | None:
+        return _refusal(peer, self.spec.allow, "allow")
+
+
+class OutboundPolicy:
+    """Plaintext in from the local app, mTLS out to ``upstream``."""
+
+    direction = Direction.OUTBOUND
+    tls_side = Side.UP
+
+    def __init__(self, spec: Outbound, store: TLSStore) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.store = store
+        self.sessions = SessionCache(store.files.session_lifetime if store.files.session_resumption else 0.0)
+        self._server_hostname = spec.sni or (None if is_ip(spec.upstream.host) else spec.upstream.host)
+
+    def tls_engine(self) -> TLSEngine:
+        ctx = self.store.material.client_ctx(verify_hostname=self.spec.server_identity is None)
+        return TLSEngine(ctx, server_side=False, server_hostname=self._server_hostname, session=self.sessions.get(ctx))
+
+    def target(self) -> Address:
+        return self.spec.upstream
+
+    def authorize(self, peer: PeerIdentity) -> str | None:
+        patterns = self.spec.server_identity
+        if patterns is None:
+            return None  # OpenSSL verified the host name during the handshake
+        return _refusal(peer, patterns, "server_identity")

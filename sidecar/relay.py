@@ -1,0 +1,400 @@
+"""The life of one proxied connection as a state machine, without I/O.
+
+Theory of operation. A proxied connection joins two legs: ``DOWN``, the side that connected to
+us, and ``UP``, the target we dial. Its ``Policy`` says which leg, if any, speaks TLS with us, and
+that fixes the order of its phases: TLS on the ``DOWN`` leg (inbound: we terminate) handshakes,
+authorizes the peer, then dials; TLS on the ``UP`` leg (outbound: we originate) dials, then
+handshakes and authorizes; no TLS (plain passthrough) only dials. Then bytes stream both ways; when
+one direction ends (FIN or close_notify) the connection is half-closed and the other direction
+keeps flowing; when both have ended, or anything fails, it closes; when both legs are gone, it is
+closed and its ``Record`` is made.
+
+The driver (``connection.py``) reports what happened on its sockets and timers by calling this
+object's event methods, and carries out the actions they return, in order. Only lifecycle events
+come here: the legs move bytes to each other directly. State changes follow ``TRANSITIONS``; an
+event that the current state does not list is a bug in the caller and raises ``RelayBug``. The
+outcome is decided once, when the connection starts to close (a drain's cut keeps an outcome
+already decided).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from .config import Address
+from .errors import PeerError, TLSFailure
+from .identity import PeerIdentity
+from .record import Direction, Outcome, Record
+from .tlsio import Negotiated
+
+
+class Side(StrEnum):
+    DOWN = "down"  # the leg that connected to us
+    UP = "up"  # the leg we dialled
+
+
+class State(StrEnum):
+    ACCEPTED = "accepted"  # the DOWN leg is up; nothing decided yet
+    HANDSHAKING = "handshaking"  # the TLS leg is handshaking (the peer is then authorized)
+    DIALING = "dialing"  # connecting the UP leg to the target
+    STREAMING = "streaming"  # bytes flow both ways
+    HALF_CLOSED = "half_closed"  # one direction has ended, the other still flows
+    CLOSING = "closing"  # both legs are closing, gracefully or not
+    CLOSED = "closed"  # both legs are gone; the record is made
+
+
+class Event(StrEnum):
+    STARTED = "started"  # the DOWN leg's transport is up
+    SECURED = "secured"  # the handshake completed and the peer is allowed
+    DENIED = "denied"  # the handshake completed and the peer is not allowed
+    DIALLED = "dialled"  # the UP leg's transport is up
+    DIAL_FAILED = "dial_failed"
+    FAILED = "failed"  # TLS (or the socket, during a handshake) failed on a leg
+    EOF = "eof"  # one direction ended
+    LOST = "lost"  # a leg's transport is gone
+    TIMED_OUT = "timed_out"  # handshake_timeout, or idle_timeout with nothing moved
+    CUT = "cut"  # the process ends it (drain_timeout)
+    ENDED = "ended"  # both legs are gone
+
+
+class Timer(StrEnum):
+    HANDSHAKE = "handshake"
+    IDLE = "idle"
+
+
+NEXT_PHASE = None  # in TRANSITIONS: on to the next phase of the policy's plan, then STREAMING
+
+_CLOSE = {Event.LOST: State.CLOSING, Event.FAILED: State.CLOSING, Event.CUT: State.CLOSING}
+_LATE = {e: State.CLOSING for e in (Event.EOF, Event.LOST, Event.FAILED, Event.CUT, Event.TIMED_OUT)}
+
+TRANSITIONS: dict[State, dict[Event, State | None]] = {
+    State.ACCEPTED: {Event.STARTED: NEXT_PHASE},
+    State.HANDSHAKING: {
+        Event.SECURED: NEXT_PHASE,
+        Event.DENIED: State.CLOSING,
+        Event.EOF: State.HANDSHAKING,  # the plain leg finished sending: held, passed on when streaming
+        Event.TIMED_OUT: State.CLOSING,
+        **_CLOSE,
+    },
+    State.DIALING: {
+        Event.DIALLED: NEXT_PHASE,
+        Event.DIAL_FAILED: State.CLOSING,
+        Event.EOF: State.DIALING,  # held, as above
+        **_CLOSE,
+    },
+    State.STREAMING: {Event.EOF: State.HALF_CLOSED, Event.TIMED_OUT: State.CLOSING, **_CLOSE},
+    State.HALF_CLOSED: {Event.EOF: State.CLOSING, Event.TIMED_OUT: State.CLOSING, **_CLOSE},
+    State.CLOSING: {
+        **_LATE,
+        Event.DIALLED: State.CLOSING,  # a dial that finished after the end: its leg is closed at once
+        Event.DIAL_FAILED: State.CLOSING,
+        Event.ENDED: State.CLOSED,
+    },
+    State.CLOSED: {Event.LOST: State.CLOSED, Event.DIALLED: State.CLOSED, Event.DIAL_FAILED: State.CLOSED},
+}
+
+
+class RelayBug(RuntimeError):
+    """An event arrived that the current state does not allow: a bug in the driver."""
+
+
+# -- actions: what the driver must do, in order ------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Dial:
+    target: Address
+
+
+@dataclass(frozen=True, slots=True)
+class ArmTimer:
+    timer: Timer
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """Join the legs: each hands on what it holds (and an end of data it saw), then reads freely."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendEOF:
+    """End our sending on ``side`` (close_notify, then FIN): a refused peer learns nothing more."""
+
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close every leg: abort those in ``abort`` (a TCP reset), the others gracefully (flush what is
+    buffered, end of data, linger). Timers and a dial still connecting are cancelled."""
+
+    abort: frozenset[Side] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Handshook:
+    """A handshake ended: ``seconds`` when it completed, ``failure`` (a ``tlserrors`` reason) when
+    it failed or its result was refused as such (both may be set)."""
+
+    seconds: float | None = None
+    failure: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    record: Record
+
+
+Action = Dial | ArmTimer | Stream | SendEOF | Close | Handshook | Finish
+
+BOTH = frozenset({Side.DOWN, Side.UP})
+
+
+class Policy(Protocol):
+    """What one connection must do; listeners make one per connection (or share one)."""
+
+    @property
+    def name(self) -> str: ...  # the listener label
+
+    @property
+    def direction(self) -> Direction: ...
+
+    @property
+    def tls_side(self) -> Side | None: ...  # DOWN: we terminate TLS; UP: we originate; None: plain
+
+    def target(self) -> Address: ...  # where to dial
+
+    def authorize(self, peer: PeerIdentity) -> str | None: ...  # why the peer is refused, or None
+
+
+class Relay:
+    """One connection's state; every event method returns the actions to carry out."""
+
+    __slots__ = (
+        "_active_at",
+        "_eofs",
+        "_handshake_started",
+        "_moved",
+        "_phases",
+        "client",
+        "handshake_error",
+        "handshake_timeout",
+        "idle_timeout",
+        "negotiated",
+        "outcome",
+        "policy",
+        "reason",
+        "started_at",
+        "state",
+    )
+
+    def __init__(self, policy: Policy, *, handshake_timeout: float, idle_timeout: float, now: float) -> None:
+        self.policy = policy
+        self.handshake_timeout = handshake_timeout
+        self.idle_timeout = idle_timeout  # 0: no idle timeout
+        self.state = State.ACCEPTED
+        tls = policy.tls_side
+        phases = {Side.DOWN: (State.HANDSHAKING, State.DIALING), Side.UP: (State.DIALING, State.HANDSHAKING)}
+        self._phases: tuple[State, ...] = phases[tls] if tls is not None else (State.DIALING,)
+        self.started_at = now
+        self.client = "-"
+        self.outcome: Outcome | None = None
+        self.reason: str | None = None
+        self.handshake_error: str | None = None
+        self.negotiated: Negotiated | None = None
+        self._eofs: set[Side] = set()
+        self._handshake_started = now
+        self._moved = 0  # bytes moved both ways when the idle timer last looked
+        self._active_at = now
+
+    @property
+    def streaming(self) -> bool:
+        return self.state in (State.STREAMING, State.HALF_CLOSED)
+
+    @property
+    def open(self) -> bool:
+        return self.state not in (State.CLOSING, State.CLOSED)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def started(self, client: str, now: float) -> list[Action]:
+        self.client = client
+        return self._go(Event.STARTED, now)
+
+    def secured(self, negotiated: Negotiated, now: float, wall_now: float) -> list[Action]:
+        """The handshake completed (``wall_now``: the epoch time, for certificate validity)."""
+        if not self.open:
+            return []  # completed in the same read that ended the connection
+        self.negotiated = negotiated
+        handshook = Handshook(seconds=now - self._handshake_started)
+        actions: list[Action] = [handshook]
+        side = self.policy.tls_side
+        assert side is not None
+        expired = negotiated.peer_not_after is not None and negotiated.peer_not_after < wall_now
+        if negotiated.resumed and expired:
+            # a ticket can outlive the certificate it was issued for: that peer must handshake anew
+            self.handshake_error = "expired"
+            actions[0] = Handshook(seconds=handshook.seconds, failure="expired")
+            why = "resumed a session of a certificate that has expired since"
+            return actions + self._close(Event.DENIED, Outcome.TLS_ERROR, why, send_eof=side)
+        refusal = self.policy.authorize(negotiated.peer)
+        if refusal is not None:
+            return actions + self._close(Event.DENIED, Outcome.DENIED, refusal, send_eof=side)
+        return actions + self._go(Event.SECURED, now)
+
+    def dialled(self, now: float) -> list[Action]:
+        if not self.open:
+            self._go(Event.DIALLED, now)
+            return [Close(abort=frozenset({Side.UP}))]  # too late: that leg goes at once
+        return self._go(Event.DIALLED, now)
+
+    def dial_failed(self, reason: str) -> list[Action]:
+        if not self.open:
+            self._go(Event.DIAL_FAILED, 0.0)
+            return []
+        return self._close(Event.DIAL_FAILED, Outcome.UPSTREAM_ERROR, reason)
+
+    def failed(self, side: Side, error: PeerError) -> list[Action]:
+        """TLS failed on ``side`` (or its socket, during a handshake)."""
+        if not self.open:
+            self._go(Event.FAILED, 0.0)
+            return []
+        if self.state is State.HANDSHAKING and side is self.policy.tls_side:
+            self.handshake_error = error.reason
+            # its alert is sent; nothing more is owed to a peer that failed its handshake. The other
+            # leg, if any, closes cleanly: never a reset it could get for bytes we never read.
+            return [Handshook(failure=error.reason), *self._close(Event.FAILED, Outcome.TLS_ERROR, error.text, {side})]
+        outcome = Outcome.TLS_ERROR if isinstance(error, TLSFailure) else Outcome.OK
+        return self._close(Event.FAILED, outcome, error.text, BOTH)
+
+    def eof(self, side: Side) -> list[Action]:
+        """``side``'s far end finished sending; the legs pass it on themselves once streaming."""
+        self._eofs.add(side)
+        if self.streaming and len(self._eofs) == 2:
+            return self._close(Event.EOF, Outcome.OK, None)  # both directions are done
+        return self._go(Event.EOF, 0.0)
+
+    def lost(self, side: Side, error: str | None) -> list[Action]:
+        """``side``'s transport is gone (``error``: the exception's name, if one closed it)."""
+        if not self.open:
+            self._go(Event.LOST, 0.0)
+            return []
+        if self.streaming:
+            return self._close(Event.LOST, Outcome.OK, error)
+        tls = self.policy.tls_side
+        if side is tls and self.state is State.HANDSHAKING:
+            self.handshake_error = "eof"
+            if side is Side.DOWN:
+                outcome, reason = Outcome.TLS_ERROR, "closed during handshake"
+            else:
+                outcome, reason = Outcome.UPSTREAM_ERROR, "upstream closed during handshake"
+            return [Handshook(failure="eof"), *self._close(Event.LOST, outcome, reason)]
+        if side is Side.DOWN:
+            return self._close(Event.LOST, Outcome.OK, "client closed before streaming")
+        return self._close(Event.LOST, Outcome.UPSTREAM_ERROR, "closed before streaming")
+
+    def timed_out(self, timer: Timer, now: float, moved: int = 0) -> list[Action]:
+        """``timer`` fired; for ``IDLE``, ``moved`` is the bytes moved both ways so far."""
+        if timer is Timer.HANDSHAKE:
+            if self.state is not State.HANDSHAKING:
+                return []  # fired as the handshake completed
+            self.handshake_error = "timeout"
+            return [
+                Handshook(failure="timeout"),
+                *self._close(Event.TIMED_OUT, Outcome.TIMEOUT, "handshake_timeout", BOTH),
+            ]
+        if not self.streaming:
+            return []
+        if moved != self._moved:
+            self._moved, self._active_at = moved, now
+        idle_for = now - self._active_at
+        if idle_for >= self.idle_timeout:
+            return self._close(Event.TIMED_OUT, Outcome.TIMEOUT, "idle_timeout")
+        return [ArmTimer(Timer.IDLE, self._idle_step(self.idle_timeout - idle_for))]
+
+    def cut(self, reason: str) -> list[Action]:
+        """End it now, aborting both legs; an outcome already decided stays."""
+        if self.state is State.CLOSED:
+            return []
+        if self.state is State.CLOSING:
+            self._go(Event.CUT, 0.0)
+            return [Close(abort=BOTH)]
+        return self._close(Event.CUT, self.outcome or Outcome.OK, reason, BOTH)
+
+    def ended(self, to_upstream: int, to_downstream: int, now: float) -> list[Action]:
+        """Both legs are gone: the record."""
+        self._go(Event.ENDED, now)
+        n = self.negotiated
+        record = Record(
+            listener=self.policy.name,
+            direction=self.policy.direction,
+            client=self.client,
+            outcome=self.outcome or Outcome.OK,
+            reason=self.reason,
+            peer_identity=n.peer.describe() if n is not None else None,
+            handshake_error=self.handshake_error,
+            bytes_to_upstream=to_upstream,
+            bytes_to_downstream=to_downstream,
+            duration_ms=round((now - self.started_at) * 1000, 3),
+            tls_version=n.version if n is not None else None,
+            cipher=n.cipher if n is not None else None,
+            resumed=n.resumed if n is not None else False,
+        )
+        return [Finish(record)]
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _go(self, event: Event, now: float) -> list[Action]:
+        """Take the transition for ``event``; the actions of entering the new state."""
+        try:
+            nxt = TRANSITIONS[self.state][event]
+        except KeyError:
+            raise RelayBug(f"event {event} in state {self.state}") from None
+        if nxt is not NEXT_PHASE:
+            self.state = nxt
+            return []
+        done = self._phases.index(self.state) + 1 if self.state in self._phases else 0
+        if done < len(self._phases):
+            return self._enter(self._phases[done], now)
+        return self._enter(State.STREAMING, now)
+
+    def _enter(self, state: State, now: float) -> list[Action]:
+        self.state = state
+        if state is State.HANDSHAKING:
+            self._handshake_started = now
+            return [ArmTimer(Timer.HANDSHAKE, self.handshake_timeout)]
+        if state is State.DIALING:
+            return [Dial(self.policy.target())]
+        actions: list[Action] = [Stream()]  # STREAMING
+        if self._eofs:  # an end of data held while the connection was not yet streaming
+            self.state = State.HALF_CLOSED
+        if self.idle_timeout > 0:
+            self._active_at = now
+            actions.append(ArmTimer(Timer.IDLE, self._idle_step(self.idle_timeout)))
+        return actions
+
+    def _close(
+        self,
+        event: Event,
+        outcome: Outcome,
+        reason: str | None,
+        abort: frozenset[Side] | set[Side] = frozenset(),
+        *,
+        send_eof: Side | None = None,
+    ) -> list[Action]:
+        self._go(event, 0.0)
+        self.state = State.CLOSING
+        if self.outcome is None:
+            self.outcome, self.reason = outcome, reason
+        actions: list[Action] = [] if send_eof is None else [SendEOF(send_eof)]
+        actions.append(Close(abort=frozenset(abort)))
+        return actions
+
+    @staticmethod
+    def _idle_step(left: float) -> float:
+        """The idle timer looks four times per ``idle_timeout``: a connection is closed within
+        1.25 x ``idle_timeout`` of its last byte, at a cost of four timer callbacks per period."""
+        return left if left < 1.0 else max(1.0, left / 4)

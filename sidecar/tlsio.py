@@ -1,0 +1,157 @@
+"""One TLS session over two memory buffers: the only module that calls ``ssl.SSLObject``.
+
+Theory of operation. asyncio's own TLS transports can neither half-close (send close_notify and
+keep reading) nor take a new context per connection, so a TLS leg keeps its ciphertext in two
+``ssl.MemoryBIO``s and drives an ``SSLObject`` itself: bytes from the wire go ``feed`` ->
+``handshake`` or ``read``; plaintext goes ``write``; whatever OpenSSL wants sent (handshake
+messages, records, alerts, tickets, close_notify) waits in ``output`` until the leg writes it.
+
+Every ``SSLObject`` call is made here, and every error OpenSSL raises leaves this module as one
+``TLSFailure`` carrying the failure's class (``tlserrors.classify``) and a key-free text. Nothing
+here does I/O, knows a socket or an event loop, or decides policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import ssl
+from dataclasses import dataclass
+
+from . import tlserrors
+from .errors import TLSFailure
+from .identity import PeerIdentity, from_peercert
+from .libssl import resume
+
+READ_SIZE = 256 * 1024  # plaintext taken out of OpenSSL per read call
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """What a completed handshake settled: protocol, suite, resumption and the verified peer."""
+
+    version: str | None
+    cipher: str | None
+    resumed: bool
+    peer: PeerIdentity
+    peer_not_after: float | None  # the peer certificate's notAfter, epoch seconds
+
+
+class TLSEngine:
+    """A client or server TLS session whose ciphertext lives in memory."""
+
+    __slots__ = ("_in", "_obj", "_out", "context", "established", "peer_finished")
+
+    def __init__(
+        self,
+        ctx: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> None:
+        self.context = ctx
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
+        if session is not None and not resume(self._obj, ctx, session):
+            self._obj.session = session  # Python's way: the same, with a copy of the session
+        self.established = False  # the handshake completed
+        self.peer_finished = False  # the peer sent close_notify
+
+    # -- the handshake ------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Ciphertext that arrived from the wire."""
+        self._in.write(data)
+
+    def handshake(self) -> bool:
+        """Advance the handshake; True once it is complete. Raises ``TLSFailure`` (whose alert, if
+        any, is in ``output``)."""
+        try:
+            self._obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
+            raise failure(exc) from None
+        self.established = True
+        return True
+
+    def negotiated(self) -> Negotiated:
+        obj = self._obj
+        cert = obj.getpeercert()
+        cipher = obj.cipher()
+        return Negotiated(
+            version=obj.version(),
+            cipher=cipher[0] if cipher else None,
+            resumed=obj.session_reused,
+            peer=from_peercert(cert),
+            peer_not_after=_not_after(str(cert["notAfter"])) if cert and "notAfter" in cert else None,
+        )
+
+    def peer_certificate(self) -> bytes | None:
+        """The verified peer's certificate, DER."""
+        return self._obj.getpeercert(binary_form=True)
+
+    def session(self) -> ssl.SSLSession | None:
+        """The session to resume a later connection with (a client's, once its ticket arrived)."""
+        return self._obj.session
+
+    # -- records ------------------------------------------------------------------------------
+
+    def read(self) -> bytes:
+        """All plaintext the fed ciphertext completes (``b""`` if none). Sets ``peer_finished`` on
+        close_notify. Raises ``TLSFailure``."""
+        obj, incoming = self._obj, self._in
+        chunks: list[bytes] = []
+        try:
+            while True:
+                chunk = obj.read(READ_SIZE)
+                if not chunk:  # close_notify (CPython returns b"" once we have sent ours too)
+                    self.peer_finished = True
+                    break
+                chunks.append(chunk)
+                if not incoming.pending and not obj.pending():
+                    break  # all consumed: skip the read that would only raise SSLWantReadError
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self.peer_finished = True
+        except ssl.SSLError as exc:
+            raise failure(exc) from None
+        if not chunks:
+            return b""
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def write(self, data: bytes) -> None:
+        """Encrypt ``data`` into ``output``. Raises ``TLSFailure``."""
+        try:
+            self._obj.write(data)
+        except ssl.SSLError as exc:
+            raise failure(exc) from None
+
+    def close_notify(self) -> None:
+        """Queue close_notify; the read side stays usable (TLS 1.3). A failure here only means the
+        peer will see the TCP FIN without it: still an end of data, so it is not raised."""
+        with contextlib.suppress(ssl.SSLError):  # SSLWantReadError (the usual case), or worse
+            self._obj.unwrap()
+
+    @property
+    def has_output(self) -> bool:
+        return self._out.pending > 0
+
+    def output(self) -> bytes:
+        """Ciphertext waiting to be written to the wire (``b""`` when none)."""
+        return self._out.read()
+
+
+def failure(exc: BaseException) -> TLSFailure:
+    """The one mapping of an OpenSSL or socket error to this program's vocabulary."""
+    return TLSFailure(tlserrors.classify(exc), tlserrors.describe(exc))
+
+
+@functools.lru_cache(maxsize=1024)
+def _not_after(text: str) -> float:
+    """A certificate's notAfter as epoch seconds; parsed once per distinct certificate (strptime
+    showed in the new-connection profile)."""
+    return ssl.cert_time_to_seconds(text)
