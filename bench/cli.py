@@ -14,6 +14,7 @@ from datetime import date
 from pathlib import Path
 
 from . import report, tools
+from .pairs import PAIRS, Baseline
 from .procs import BenchError, Procs, sigterm_as_interrupt
 from .runner import Bench, Settings, require_tools
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="py-spy on our sidecar pair under each workload: where its CPU goes (<date>-profile.md)",
     )
     p.add_argument("--pairs", help=f"comma-separated subset of {','.join(ALL_PAIRS)} (default: all installed)")
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure our sidecar pair as of git revision REV (pair 'baseline'), interleaved in the same run",
+    )
     p.add_argument("--reps", type=int, help="repetitions (default 5; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per workload (default 3; quick 0.3)")
     p.add_argument(
@@ -88,6 +94,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     unknown = [x for x in pairs if x not in ALL_PAIRS]
     if unknown:
         raise BenchError(f"--pairs: unknown {', '.join(unknown)} (known: {', '.join(ALL_PAIRS)})")
+    if getattr(args, "baseline", None) and "sidecar" in pairs:
+        at = pairs.index("sidecar") + 1
+        pairs = (*pairs[:at], "baseline", *pairs[at:])
     s = Settings(pairs=pairs, load=load, resume=not args.no_resume, quick=args.quick)
     if args.quick:
         s = replace(
@@ -125,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
     mode = "quick" if args.quick else "full"
     out = args.out or (RESULTS / "tmp" if args.quick else RESULTS)
     with Procs(keep_tmp=args.keep_tmp) as procs:
+        if "baseline" in settings.pairs:
+            PAIRS["baseline"] = Baseline(export_sidecar(args.baseline, procs.folder("baseline-code")))
         bench = Bench(settings, procs, found)
         bench.run()
     notes = list(found.notes)
@@ -163,6 +174,22 @@ def render(path: Path) -> int:
     for path_written in report.write(results, path.parent, path.stem):
         print(f"bench: wrote {path_written}", file=sys.stderr)
     return 0
+
+
+def export_sidecar(rev: str, into: Path) -> Path:
+    """The ``sidecar`` package as of git revision ``rev``, written under ``into``."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", rev, "sidecar"], check=True, capture_output=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = exc.stderr.decode(errors="replace").strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        raise BenchError(f"--baseline {rev}: cannot export the sidecar package from git: {detail}") from None
+    return into
 
 
 def _used_tools(settings: Settings) -> set[str]:

@@ -149,7 +149,7 @@ class Sidecar(Pair):
     resumption = True  # the client side's tls.session_resumption; the server side issues tickets either way
 
     def start(self, ctx: Ctx, *, resume: bool, verbose: bool = False) -> Running:
-        d = ctx.procs.folder(f"sidecar-{free_port()}")
+        d = ctx.procs.folder(f"{self.name}-{free_port()}")
         tls_server = {"cert": str(ctx.certs.server.cert), "key": str(ctx.certs.server.key), "ca": str(ctx.certs.ca)}
         tls_client = {
             "cert": str(ctx.certs.client.cert),
@@ -173,7 +173,7 @@ class Sidecar(Pair):
             "log": {"level": "info", "format": "json"},
             "workers": ctx.workers,
         }
-        server = self._run(ctx, d / "server.yaml", server_cfg, "sidecar-server")
+        server = self._run(ctx, d / "server.yaml", server_cfg, f"{self.name}-server")
         server_ports = _ready_ports(server)
         client_cfg = {
             "tls": tls_client,
@@ -190,7 +190,7 @@ class Sidecar(Pair):
             "log": {"level": "info", "format": "json"},
             "workers": ctx.workers,
         }
-        client = self._run(ctx, d / "client.yaml", client_cfg, "sidecar-client")
+        client = self._run(ctx, d / "client.yaml", client_cfg, f"{self.name}-client")
         client_ports = _ready_ports(client)
         return Running(
             self.name,
@@ -205,7 +205,24 @@ class Sidecar(Pair):
 
     def _run(self, ctx: Ctx, path: Path, cfg: dict[str, Any], name: str) -> Proc:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return ctx.procs.start(name, [sys.executable, "-m", "sidecar", "run", "-c", str(path)], env=ctx.env)
+        return ctx.procs.start(name, [sys.executable, "-m", "sidecar", "run", "-c", str(path)], env=self.env(ctx))
+
+    def env(self, ctx: Ctx) -> dict[str, str]:
+        return ctx.env
+
+
+class Baseline(Sidecar):
+    """Our sidecar pair as it was at another commit (``--baseline REV``): the same configuration,
+    code exported from git into ``code`` and put first on the Python path, so a change can be
+    measured against its base in the same run."""
+
+    name = "baseline"
+
+    def __init__(self, code: Path) -> None:
+        self.code = code
+
+    def env(self, ctx: Ctx) -> dict[str, str]:
+        return {**ctx.env, "PYTHONPATH": str(self.code)}
 
 
 def _ready_ports(proc: Proc) -> dict[str, int]:

@@ -215,6 +215,14 @@ def summary_table(results: dict[str, Any]) -> list[str]:
         vals = r[ref].get("sidecar")
         if vals:
             rows.append([f"*sidecar ÷ {label}*"] + [_ratio(results, "sidecar", k, vals) for k in SUMMARY])
+    summary = results["summary"]
+    if summary.get("baseline"):  # --baseline REV: the change against its base, same run
+        ab = {
+            k: summary["sidecar"][k]["median"] / summary["baseline"][k]["median"]
+            for k in SUMMARY
+            if k in summary.get("sidecar", {}) and k in summary["baseline"] and summary["baseline"][k]["median"]
+        }
+        rows.append(["*sidecar ÷ baseline*"] + [_ratio(results, "sidecar", k, ab) for k in SUMMARY])
     return _table(header, rows)
 
 
