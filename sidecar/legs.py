@@ -170,7 +170,7 @@ class Leg(asyncio.Protocol):
         self._linger_timer = self.owner.loop.call_later(LINGER_SECONDS, transport.close)
 
     def abort(self) -> None:
-        """Close at once, dropping what is buffered (the far end sees a TCP reset)."""
+        """Close at once: what is still buffered is dropped; no close_notify, no linger."""
         if self.transport is not None:
             self.transport.abort()
 

@@ -1,0 +1,444 @@
+"""One conformance check run against every kind of leg: plain TCP, TLS where we are the server,
+TLS where we are the client. Real sockets on 127.0.0.1, real TLS, uvloop as in production.
+
+Each test joins the leg under test (``leg``, whose far end the test drives as ``far``) to a plain
+leg (``other``, whose far end is the raw socket ``back``), as a connection does when it streams;
+the test plays the legs' owner, recording what they report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvloop
+from support import CertFactory, CertFiles, client_context, server_context
+
+from sidecar import legs as legs_mod
+from sidecar.errors import PeerError, TLSFailure
+from sidecar.legs import WRITE_HIGH_WATER, Leg, TLSLeg
+from sidecar.relay import Side
+from sidecar.tlsio import TLSEngine
+
+KINDS = ("plain", "tls-server", "tls-client")
+LIMIT = 10.0  # generous liveness bound for every step
+
+
+@dataclass
+class Owner:
+    """The legs' owner, as the connection driver is: records what they report."""
+
+    loop: asyncio.AbstractEventLoop
+    events: list[tuple[str, Side, Any]] = field(default_factory=list)
+
+    def leg_connected(self, leg: Leg) -> None:
+        self.events.append(("connected", leg.side, None))
+
+    def leg_secured(self, leg: TLSLeg) -> None:
+        self.events.append(("secured", leg.side, leg.tls.negotiated().version))
+
+    def leg_failed(self, leg: Leg, error: PeerError) -> None:
+        self.events.append(("failed", leg.side, error))
+
+    def leg_eof(self, leg: Leg) -> None:
+        self.events.append(("eof", leg.side, None))
+
+    def leg_lost(self, leg: Leg, exc: Exception | None) -> None:
+        self.events.append(("lost", leg.side, exc))
+
+    def seen(self, kind: str) -> list[tuple[str, Side, Any]]:
+        return [e for e in self.events if e[0] == kind]
+
+    async def wait(self, kind: str, side: Side) -> tuple[str, Side, Any]:
+        async with asyncio.timeout(LIMIT):
+            while True:
+                for e in self.events:
+                    if e[0] == kind and e[1] is side:
+                        return e
+                await asyncio.sleep(0.005)
+
+
+class PlainEnd:
+    """The far end of a plain leg: a raw socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+
+    async def start(self) -> None:
+        pass
+
+    async def send(self, data: bytes) -> None:
+        await self.loop.sock_sendall(self.sock, data)
+
+    async def recv(self) -> bytes:
+        """Some bytes, or b"" at the end of data."""
+        return await self.loop.sock_recv(self.sock, 65536)
+
+    async def send_eof(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+
+class TLSEnd(PlainEnd):
+    """The far end of a TLS leg: an ``SSLObject`` of the opposite role over the raw socket."""
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, *, server_side: bool) -> None:
+        super().__init__(sock)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        hostname = None if server_side else "localhost"
+        self.closed_cleanly = False  # close_notify received
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_side, server_hostname=hostname)
+
+    async def _flush(self) -> None:
+        if self.outgoing.pending:
+            await super().send(self.outgoing.read())
+
+    async def _fill(self) -> bool:
+        data = await super().recv()
+        if not data:
+            return False
+        self.incoming.write(data)
+        return True
+
+    async def start(self) -> None:
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    raise ConnectionResetError("the leg closed during the handshake") from None
+        await self._flush()
+
+    async def send(self, data: bytes) -> None:
+        self.obj.write(data)
+        await self._flush()
+
+    async def recv(self) -> bytes:
+        while True:
+            try:
+                data = self.obj.read(65536)
+                if not data:  # close_notify (CPython returns b"" until we have sent ours)
+                    self.closed_cleanly = True
+                return data
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    return b""
+            except ssl.SSLZeroReturnError:
+                self.closed_cleanly = True
+                return b""
+
+    async def send_eof(self) -> None:
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.obj.unwrap()
+        await self._flush()
+        await super().send_eof()
+
+
+async def read_exactly(end: PlainEnd, n: int) -> bytes:
+    buf = bytearray()
+    async with asyncio.timeout(LIMIT):
+        while len(buf) < n:
+            chunk = await end.recv()
+            assert chunk, f"end of data after {len(buf)} of {n} bytes"
+            buf += chunk
+    return bytes(buf)
+
+
+async def read_to_end(end: PlainEnd) -> bytes:
+    buf = bytearray()
+    async with asyncio.timeout(LIMIT):
+        while chunk := await end.recv():
+            buf += chunk
+    return bytes(buf)
+
+
+@dataclass
+class Rig:
+    owner: Owner
+    leg: Leg  # under test
+    far: PlainEnd  # drives ``leg``'s far end
+    other: Leg  # plain, joined to ``leg`` when streaming
+    back: PlainEnd  # ``other``'s far end
+
+    def join(self) -> None:
+        self.leg.other, self.other.other = self.other, self.leg
+        self.leg.start_streaming(self.other)
+        self.other.start_streaming(self.leg)
+
+
+async def _pair() -> tuple[socket.socket, socket.socket]:
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        client = socket.socket()
+        client.setblocking(False)
+        await loop.sock_connect(client, server.getsockname())
+        accepted, _ = await loop.sock_accept(server)
+    accepted.setblocking(False)
+    return accepted, client
+
+
+@dataclass
+class Certs:
+    ca: CertFactory
+    server: CertFiles
+    client: CertFiles
+    rogue: CertFactory
+
+
+@pytest.fixture
+def certs(ca: CertFactory, server_leaf: CertFiles, client_leaf: CertFiles, rogue_ca: CertFactory) -> Certs:
+    return Certs(ca, server_leaf, client_leaf, rogue_ca)
+
+
+@contextlib.asynccontextmanager
+async def make_rig(kind: str, certs: Certs) -> AsyncIterator[Rig]:
+    ca, server_leaf, client_leaf = certs.ca, certs.server, certs.client
+    loop = asyncio.get_running_loop()
+    owner = Owner(loop)
+    mine, theirs = await _pair()
+    leg: Leg
+    if kind == "plain":
+        leg, far = Leg(owner, Side.DOWN), PlainEnd(theirs)
+    elif kind == "tls-server":
+        engine = TLSEngine(server_context(server_leaf, ca.ca_file), server_side=True)
+        leg, far = (
+            TLSLeg(owner, Side.DOWN, engine, client=False),
+            TLSEnd(theirs, client_context(client_leaf, ca.ca_file), server_side=False),
+        )
+    else:
+        ctx = client_context(client_leaf, ca.ca_file)
+        engine = TLSEngine(ctx, server_side=False, server_hostname="localhost")
+        leg, far = (
+            TLSLeg(owner, Side.DOWN, engine, client=True),
+            TLSEnd(theirs, server_context(server_leaf, ca.ca_file), server_side=True),
+        )
+    await loop.connect_accepted_socket(lambda: leg, mine)
+    await asyncio.wait_for(far.start(), LIMIT)
+    if kind != "plain":
+        await owner.wait("secured", Side.DOWN)
+    other_mine, other_theirs = await _pair()
+    other = Leg(owner, Side.UP)
+    await loop.connect_accepted_socket(lambda: other, other_mine)
+    try:
+        yield Rig(owner, leg, far, other, PlainEnd(other_theirs))
+    finally:
+        for lg in (leg, other):
+            lg.abort()
+        for sock in (theirs, other_theirs):
+            sock.close()
+        await asyncio.sleep(0)
+
+
+def on_every_leg(scenario: Callable[[Rig], Awaitable[None]]) -> Callable[[str, Certs], None]:
+    """Run ``scenario`` under uvloop (as in production) against each kind of leg."""
+
+    def test(kind: str, certs: Certs) -> None:
+        async def run() -> None:
+            async with make_rig(kind, certs) as rig:
+                await scenario(rig)
+
+        uvloop.run(run())
+
+    test.__name__, test.__doc__ = scenario.__name__, scenario.__doc__
+    return pytest.mark.parametrize("kind", KINDS)(test)
+
+
+def under_uvloop(scenario: Callable[[Certs], Awaitable[None]]) -> Callable[[Certs], None]:
+    def test(certs: Certs) -> None:
+        uvloop.run(scenario(certs))
+
+    test.__name__, test.__doc__ = scenario.__name__, scenario.__doc__
+    return test
+
+
+# -- the conformance check ---------------------------------------------------------------------------
+
+
+@on_every_leg
+async def test_bytes_arrive_exactly_as_sent_both_ways_at_once(rig: Rig) -> None:
+    rig.join()
+    up, down = os.urandom(3 * 1024 * 1024 + 17), os.urandom(2 * 1024 * 1024 + 5)
+
+    async def send_in_odd_chunks(end: PlainEnd, data: bytes) -> None:
+        for i, start in enumerate(range(0, len(data), 70001)):
+            await end.send(data[start : start + 70001])
+            if i % 7 == 0:
+                await asyncio.sleep(0)
+
+    results = await asyncio.gather(
+        send_in_odd_chunks(rig.far, up),
+        send_in_odd_chunks(rig.back, down),
+        read_exactly(rig.back, len(up)),
+        read_exactly(rig.far, len(down)),
+    )
+    assert results[2] == up and results[3] == down
+    assert (rig.leg.received, rig.other.received) == (len(up), len(down))
+
+
+@on_every_leg
+async def test_the_far_end_finishing_is_passed_on_while_the_other_way_flows(rig: Rig) -> None:
+    rig.join()
+    await rig.far.send(b"last words")
+    await rig.far.send_eof()
+    assert await read_to_end(rig.back) == b"last words"  # then the end of data, passed on
+    await rig.owner.wait("eof", Side.DOWN)
+    await rig.back.send(b"still answering")
+    assert await read_exactly(rig.far, 15) == b"still answering"
+
+
+@on_every_leg
+async def test_ending_our_sending_keeps_the_leg_reading(rig: Rig) -> None:
+    rig.join()
+    await rig.back.send(b"bye")
+    await rig.back.send_eof()  # -> rig.leg.send_eof(): FIN (after close_notify on TLS)
+    assert await read_to_end(rig.far) == b"bye"
+    assert rig.far.closed_cleanly if isinstance(rig.far, TLSEnd) else True
+    assert rig.leg.write_eof
+    await rig.far.send(b"but I still talk")
+    assert await read_exactly(rig.back, 16) == b"but I still talk"
+
+
+@on_every_leg
+async def test_a_slow_reader_pauses_the_writer_and_memory_stays_bounded(rig: Rig) -> None:
+    rig.join()
+    assert rig.other.transport is not None and rig.leg.transport is not None
+    assert rig.other.transport.get_write_buffer_limits() == (legs_mod.WRITE_LOW_WATER, WRITE_HIGH_WATER)
+    chunk = os.urandom(64 * 1024)
+    sent = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LIMIT
+    # ``back`` reads nothing: ``other``'s buffer passes its high-water mark and ``leg`` stops reading
+    while rig.leg.transport.is_reading():
+        assert loop.time() < deadline, "the leg never stopped reading"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(rig.far.send(chunk), 0.5)
+            sent += len(chunk)
+    assert rig.other.transport.get_write_buffer_size() <= WRITE_HIGH_WATER + 512 * 1024
+    got = await read_exactly(rig.back, sent)  # the reader catches up: reading resumes, nothing lost
+    assert len(got) == sent
+    assert rig.leg.transport.is_reading()
+
+
+@on_every_leg
+async def test_before_streaming_a_leg_holds_one_read_and_stops(rig: Rig) -> None:
+    await rig.far.send(b"early")
+    loop = asyncio.get_running_loop()
+    assert rig.leg.transport is not None
+    async with asyncio.timeout(LIMIT):
+        while rig.leg.transport.is_reading():  # noqa: ASYNC110 - polling the transport's own state
+            await asyncio.sleep(0.005)
+    assert rig.leg.received == 0  # held, not handed on
+    rig.join()
+    assert await read_exactly(rig.back, 5) == b"early"
+    assert rig.leg.received == 5
+    assert loop is not None
+
+
+@on_every_leg
+async def test_a_graceful_close_ends_our_sending_and_lingers_until_the_far_end_finishes(rig: Rig) -> None:
+    rig.join()
+    rig.leg.close()
+    assert await read_to_end(rig.far) == b""  # end of data (close_notify first, on TLS)
+    assert rig.far.closed_cleanly if isinstance(rig.far, TLSEnd) else True
+    await rig.far.send(b"dropped while lingering")  # read and dropped: no reset for unread bytes
+    assert rig.leg.transport is not None and not rig.leg.transport.is_closing()
+    await rig.far.send_eof()
+    await rig.owner.wait("lost", Side.DOWN)
+    assert rig.other.received == 0 and not rig.owner.seen("failed")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lingering_ends_after_linger_seconds(kind: str, certs: Certs, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(legs_mod, "LINGER_SECONDS", 0.2)
+
+    async def scenario(rig: Rig) -> None:
+        rig.join()
+        rig.leg.close()
+        assert await read_to_end(rig.far) == b""
+        await rig.owner.wait("lost", Side.DOWN)  # the far end never finished: closed after the linger
+
+    async def run() -> None:
+        async with make_rig(kind, certs) as rig:
+            await scenario(rig)
+
+    uvloop.run(run())
+
+
+@on_every_leg
+async def test_an_abort_closes_at_once_without_ending_cleanly(rig: Rig) -> None:
+    rig.join()
+    rig.leg.abort()
+    async with asyncio.timeout(LIMIT):
+        with contextlib.suppress(ConnectionResetError):
+            while await rig.far.recv():
+                pass
+    if isinstance(rig.far, TLSEnd):
+        assert not rig.far.closed_cleanly  # no close_notify: the far end can tell it was cut
+    await rig.owner.wait("lost", Side.DOWN)
+
+
+# -- TLS legs: handshake failures, each named ----------------------------------------------------------
+
+
+async def _tls_leg(owner: Owner, engine: TLSEngine, *, client: bool) -> tuple[TLSLeg, socket.socket]:
+    loop = asyncio.get_running_loop()
+    mine, theirs = await _pair()
+    leg = TLSLeg(owner, Side.DOWN, engine, client=client)
+    await loop.connect_accepted_socket(lambda: leg, mine)
+    return leg, theirs
+
+
+@under_uvloop
+async def test_a_client_without_certificate_fails_the_server_legs_handshake_named(certs: Certs) -> None:
+    ca, server_leaf = certs.ca, certs.server
+    owner = Owner(asyncio.get_running_loop())
+    engine = TLSEngine(server_context(server_leaf, ca.ca_file), server_side=True)
+    leg, theirs = await _tls_leg(owner, engine, client=False)
+    far = TLSEnd(theirs, client_context(None, ca.ca_file), server_side=False)
+    with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+        await asyncio.wait_for(far.start(), LIMIT)
+        await far.recv()  # TLS 1.3: the client learns of the refusal after its Finished
+    _, _, error = await owner.wait("failed", Side.DOWN)
+    assert isinstance(error, TLSFailure) and error.reason == "no_client_cert"
+    assert not owner.seen("secured")
+    leg.abort()
+    theirs.close()
+
+
+@under_uvloop
+async def test_an_untrusted_server_fails_the_client_legs_handshake_named(certs: Certs) -> None:
+    owner = Owner(asyncio.get_running_loop())
+    engine = TLSEngine(client_context(certs.client, certs.ca.ca_file), server_side=False, server_hostname="localhost")
+    leg, theirs = await _tls_leg(owner, engine, client=True)
+    rogue = certs.rogue.leaf("orders")
+    far = TLSEnd(theirs, server_context(rogue, certs.rogue.ca_file), server_side=True)
+    with pytest.raises(ssl.SSLError, match=r"UNKNOWN_CA"):  # our alert tells the far end why
+        await asyncio.wait_for(far.start(), LIMIT)
+    _, _, error = await owner.wait("failed", Side.DOWN)
+    assert isinstance(error, TLSFailure) and error.reason == "untrusted"
+    leg.abort()
+    theirs.close()
+
+
+@under_uvloop
+async def test_the_far_end_leaving_mid_handshake_is_an_eof_failure(certs: Certs) -> None:
+    ca, server_leaf = certs.ca, certs.server
+    owner = Owner(asyncio.get_running_loop())
+    engine = TLSEngine(server_context(server_leaf, ca.ca_file), server_side=True)
+    leg, theirs = await _tls_leg(owner, engine, client=False)
+    theirs.shutdown(socket.SHUT_WR)  # FIN before a ClientHello
+    _, _, error = await owner.wait("failed", Side.DOWN)
+    assert isinstance(error, PeerError) and error.reason == "eof"
+    leg.abort()
+    theirs.close()
