@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,7 +45,13 @@ CONNECTIONS = 40  # spread by the kernel's hash: the chance that one worker gets
 
 
 def start_workers(
-    tmp_path: Path, ca: CertFactory, cert: CertFiles, backend: Backend, *, drain_timeout: str = "10s"
+    tmp_path: Path,
+    ca: CertFactory,
+    cert: CertFiles,
+    backend: Backend,
+    *,
+    drain_timeout: str = "10s",
+    env: dict[str, str] | None = None,
 ) -> SidecarProcess:
     cfg = write_config(
         tmp_path / "workers.yaml",
@@ -58,7 +65,7 @@ def start_workers(
             "workers": WORKERS,
         },
     )
-    return start_sidecar(cfg)
+    return start_sidecar(cfg, env=env)
 
 
 @pytest.fixture
@@ -128,6 +135,36 @@ def test_a_reload_reaches_every_worker_and_counts_once(
     s = scrape(sc)
     assert s.value("sidecar_cert_reloads_total", result="ok") == 2  # the watch and the POST, not x workers
     assert s.value("sidecar_cert_reloads_total", result="error") == 0
+
+
+def test_a_worker_that_does_not_apply_a_reload_fails_it_by_name_and_is_restarted_with_it(
+    tmp_path: Path, ca: CertFactory, client_leaf: CertFiles, backend: Backend, sidecars: list[SidecarProcess]
+) -> None:
+    folder = tmp_path / "orders"
+    ca.leaf("orders", folder=folder)
+    sc = start_workers(
+        tmp_path, ca, ca.leaf("orders", folder=folder), backend, env={"SIDECAR_WORKER_PUSH_TIMEOUT": "1"}
+    )
+    sidecars.append(sc)
+    stuck = children(sc.proc.pid)[0]
+    os.kill(stuck, signal.SIGSTOP)  # alive, but answers nothing
+    try:
+        answer = admin_request(sc, "POST", "/reload")
+    finally:
+        os.kill(stuck, signal.SIGCONT)
+    assert answer.status == 500, answer
+    assert re.fullmatch(r"worker \d: no answer to the reload within 1 s", answer.json()["error"]), answer.json()
+    assert answer.json()["reloaded"] is False
+    wait_for(lambda: stuck not in children(sc.proc.pid) and len(children(sc.proc.pid)) == WORKERS, 10)
+    wait_for(lambda: admin_request(sc, "GET", "/readyz").status == 200, 10)
+    s = scrape(sc)
+    assert s.value("sidecar_cert_reloads_total", result="error") == 1
+    # every worker, the restarted one too, serves what a later rotation brings
+    third = ca.leaf("orders", folder=folder)
+    wait_for(lambda: admin_request(sc, "GET", "/certs").json()["identity"]["serial"] == f"{third.serial:x}", 5)
+    ctx = client_context(client_leaf, ca.ca_file)
+    assert {peer_serial(sc.port("orders"), ctx) for _ in range(CONNECTIONS)} == {third.serial}
+    assert scrape(sc).value("sidecar_cert_reloads_total", result="ok") == 1
 
 
 def test_a_killed_worker_is_restarted_and_service_goes_on(
