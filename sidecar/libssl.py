@@ -74,7 +74,7 @@ def resume(sslobj: ssl.SSLObject, ctx: ssl.SSLContext, session: ssl.SSLSession) 
     Python's own ``SSLObject.session = s`` copies the session first (CPython serialises it and
     parses it back, peer certificate chain included: about 0.1 ms of CPU on every connection, for
     a workaround of OpenSSL 1.1.0). OpenSSL 1.1.1 and later copy a session themselves before they
-    change it, so one session can be offered on any number of connections, as nginx does. Returns
+    change it, so one session can be offered on any number of connections. Returns
     False when the pointers do not check out; the caller then sets ``sslobj.session``.
     """
     ctx_pointer = context_pointer(ctx)

@@ -131,8 +131,8 @@ def issue(
 
     ``spiffe_ids`` become URI SANs as given (any URI, so tests can build odd identities; the CLI
     path validates first). Validity: ``not_before`` defaults to five minutes ago (clock skew),
-    ``not_after`` to ``not_before + hours``. With no CN the SAN extension is marked critical
-    (RFC 5280 4.2.1.6). The leaf's ``chain`` is every certificate of ``ca.cert, *ca.chain`` that is
+    ``not_after`` to ``not_before + hours``. With no CN the SAN extension is marked critical (an
+    empty subject requires it). The leaf's ``chain`` is every certificate of ``ca.cert, *ca.chain`` that is
     not self-signed: empty under a root, the intermediates under an intermediate.
     """
     start = _utc(not_before) if not_before is not None else _now() - CLOCK_SKEW

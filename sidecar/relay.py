@@ -128,8 +128,8 @@ class SendEOF:
 
 @dataclass(frozen=True, slots=True)
 class Close:
-    """Close every leg: abort those in ``abort`` (a TCP reset), the others gracefully (flush what is
-    buffered, end of data, linger). Timers and a dial still connecting are cancelled."""
+    """Close every leg: abort those in ``abort`` (at once, dropping what is buffered), the others
+    gracefully (flush, end of data, linger). Timers and a dial still connecting are cancelled."""
 
     abort: frozenset[Side] = frozenset()
 

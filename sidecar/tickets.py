@@ -2,8 +2,8 @@
 
 OpenSSL seals TLS 1.3 tickets with keys random to each ``SSL_CTX``; with several workers a
 ticket issued by one could not be opened by another, and a client would resume only when the
-kernel happened to hand its next connection to the same worker (1 in N). nginx and HAProxy share
-one key set across workers; Python's ``ssl`` has no call for it (``SSL_CTX_set_tlsext_ticket_keys``),
+kernel happened to hand its next connection to the same worker (1 in N). All workers must share
+one key set; Python's ``ssl`` has no call for it (``SSL_CTX_set_tlsext_ticket_keys``),
 so this module makes that one call through ``libssl`` (ctypes) and checks that it reached the
 right ``SSL_CTX`` (the options OpenSSL reports equal the context's, and the keys read back equal
 the keys set). Any mismatch leaves the context as it was: tickets then stay per worker, which
