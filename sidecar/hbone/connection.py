@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import h2.events as h2e
 from h2.config import H2Configuration
@@ -31,7 +32,7 @@ from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import Frame, GoAwayFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame
 
 from . import events as ev
 
@@ -46,7 +47,7 @@ class TunnelSettings:
 
     stream_window: int = 4 * MiB  # SETTINGS_INITIAL_WINDOW_SIZE: the most held per stream
     connection_window: int = 16 * MiB  # what may be in flight on the TLS connection at once
-    max_frame_size: int = 1 * MiB  # SETTINGS_MAX_FRAME_SIZE we accept; the peer's caps what we send
+    max_frame_size: int = 256 * 1024  # SETTINGS_MAX_FRAME_SIZE we accept; the peer's caps what we send
     max_concurrent_streams: int = 100  # streams we let the peer open at once
     max_header_list_size: int = 16 * 1024
     send_buffer: int = 256 * 1024  # queued bytes per stream before ``send`` says "pause"
@@ -54,10 +55,32 @@ class TunnelSettings:
     keepalive_timeout: float = 20.0  # no PING ack within this: the connection is dead
 
 
+class _QuietDataFrame(DataFrame):
+    """A DATA frame whose repr does not hex-dump its payload (see ``_H2._receive_frame``)."""
+
+    def __repr__(self) -> str:
+        return f"DataFrame(stream_id={self.stream_id}, length={len(self.data)})"
+
+
 class _H2(H2Connection):
-    """``h2`` with RFC 9113 6.8's graceful GOAWAY: h2 (python-hyper/h2#1181) closes the whole
-    connection when a GOAWAY is sent or received, cutting streams that may finish. Here a GOAWAY
-    with NO_ERROR only stops new streams; an error GOAWAY still closes everything at once."""
+    """``h2`` with two changes, each pinned by a test:
+
+    - RFC 9113 6.8's graceful GOAWAY: h2 (python-hyper/h2#1181) closes the whole connection when
+      a GOAWAY is sent or received, cutting streams that may finish. Here a GOAWAY with NO_ERROR
+      only stops new streams; an error GOAWAY still closes everything at once.
+    - h2 formats every received frame for a trace log even when nothing logs it; for DATA that is
+      a hex dump of the payload, a third of bulk transfer's CPU (bench/hbone_frames.py). DATA
+      frames get a short repr instead.
+    """
+
+    def __init__(self, config: H2Configuration) -> None:
+        super().__init__(config)
+        self._frame_dispatch_table[_QuietDataFrame] = self._receive_data_frame
+
+    def _receive_frame(self, frame: Frame) -> list[h2e.Event]:
+        if type(frame) is DataFrame:
+            frame.__class__ = _QuietDataFrame
+        return super()._receive_frame(frame)
 
     def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[h2e.Event]]:
         if frame.error_code != ErrorCodes.NO_ERROR:
@@ -81,7 +104,8 @@ class _Stream:
 
     stream_id: int
     open_for_data: bool = False  # client: a 200 arrived; server: ``accept`` was called
-    out: bytearray | None = None  # bytes queued toward the peer
+    out: deque[bytes | memoryview] = field(default_factory=deque)  # queued toward the peer, uncopied
+    queued: int = 0  # bytes in ``out``
     end_requested: bool = False  # the TCP side finished sending; END_STREAM once ``out`` drains
     local_ended: bool = False
     remote_ended: bool = False
@@ -196,13 +220,12 @@ class TunnelConnection:
         stream = self._streams.get(stream_id)
         if stream is None or stream.end_requested:
             return True
-        if stream.out is None:
-            stream.out = bytearray(data)
-        else:
-            stream.out += data
+        if data:
+            stream.out.append(data)
+            stream.queued += len(data)
         self._sending[stream_id] = None
         self._flush()
-        if stream.out is not None and len(stream.out) >= self.settings.send_buffer:
+        if stream.queued >= self.settings.send_buffer:
             stream.paused = True
             return False
         return True
@@ -353,15 +376,14 @@ class TunnelConnection:
                 stream = self._streams[stream_id]
                 if not stream.open_for_data:
                     continue
-                if stream.out:
+                if stream.queued:
                     window = self._h2.local_flow_control_window(stream_id)
-                    size = min(window, len(stream.out), self._h2.max_outbound_frame_size)
+                    size = min(window, self._h2.max_outbound_frame_size)
                     if size <= 0:
                         continue
-                    self._h2.send_data(stream_id, bytes(stream.out[:size]))
-                    del stream.out[:size]
+                    self._h2.send_data(stream_id, _take(stream, size))
                     progress = True
-                if stream.out:
+                if stream.queued:
                     continue
                 del self._sending[stream_id]
                 if stream.paused:
@@ -378,6 +400,20 @@ class TunnelConnection:
         low = self.settings.send_buffer // 2
         for stream_id in list(self._sending):
             stream = self._streams[stream_id]
-            if stream.paused and stream.out is not None and len(stream.out) < low:
+            if stream.paused and stream.queued < low:
                 stream.paused = False
                 self._events.append(ev.StreamWritable(stream_id))
+
+
+def _take(stream: _Stream, size: int) -> bytes | memoryview:
+    """Up to ``size`` queued bytes for one DATA frame: a whole queued chunk when it fits (no
+    copy), else a slice of it; h2 copies once more when it serializes the frame."""
+    first = stream.out[0]
+    if len(first) <= size:
+        stream.out.popleft()
+        stream.queued -= len(first)
+        return first
+    view = first if isinstance(first, memoryview) else memoryview(first)
+    stream.out[0] = view[size:]
+    stream.queued -= size
+    return view[:size]

@@ -264,8 +264,7 @@ def test_send_buffer_is_bounded_per_stream() -> None:
         sent += chunk
         assert sent < 10 * 1024 * 1024, "send never said pause"
     # what the client holds for the stream: at most send_buffer plus the chunk that crossed it
-    queued = w.client._streams[sid].out
-    assert queued is not None and len(queued) <= SMALL.send_buffer + chunk
+    assert w.client._streams[sid].queued <= SMALL.send_buffer + chunk
 
 
 def test_a_peer_that_overruns_the_stream_window_loses_the_connection() -> None:
