@@ -55,4 +55,3 @@ class HboneClient(TunnelConnection):
             return
         self._events.append(ev.StreamRejected(event.stream_id, int(status) if status.isdigit() else 0))
         self.reset(event.stream_id, ErrorCodes.CANCEL)
-        self._events.append(ev.StreamClosed(event.stream_id))

@@ -239,7 +239,8 @@ class TunnelConnection:
             self._flush()
 
     def reset(self, stream_id: int, error_code: int = ErrorCodes.CONNECT_ERROR) -> None:
-        """The TCP side was aborted: RST_STREAM (CONNECT_ERROR by default); queued bytes are dropped."""
+        """The TCP side was aborted: RST_STREAM (CONNECT_ERROR by default); queued bytes are
+        dropped and ``StreamClosed`` follows."""
         stream = self._streams.get(stream_id)
         if stream is None:
             return
@@ -248,6 +249,7 @@ class TunnelConnection:
             with contextlib.suppress(StreamClosedError):
                 self._h2.reset_stream(stream_id, error_code)
         self._forget(stream)
+        self._events.append(ev.StreamClosed(stream_id))
 
     def consumed(self, stream_id: int, size: int) -> None:
         """``size`` bytes of this stream's data were written out: hand the window back."""
@@ -307,9 +309,8 @@ class TunnelConnection:
         elif stream.open_for_data:
             self._events.append(ev.StreamData(event.stream_id, event.data))
         else:  # DATA before the response: a peer breaking CONNECT's rules
-            self.reset(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
             self._events.append(ev.StreamReset(event.stream_id, ErrorCodes.PROTOCOL_ERROR, before_response=True))
-            self._events.append(ev.StreamClosed(event.stream_id))
+            self.reset(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
 
     def _on_remote_end(self, stream_id: int) -> None:
         stream = self._streams.get(stream_id)

@@ -1,8 +1,8 @@
 """What an HBONE tunnel connection tells its driver: one frozen dataclass per kind of event.
 
 Every event names the stream it concerns (``stream_id``), except the connection-wide ones at the
-end. For each stream the driver learned of (a ``DialRequested`` on the server, ``open_stream`` on
-the client) the last event is exactly one ``StreamClosed``; nothing about that stream follows it.
+end. Every stream's last event is exactly one ``StreamClosed`` (also for a stream this side reset
+or refused); nothing about that stream follows it: that is where its access record is written.
 """
 
 from __future__ import annotations

@@ -205,6 +205,8 @@ def test_a_reset_reaches_the_other_side_and_spares_the_neighbours(aborter: str) 
     other = "server" if aborter == "client" else "client"
     conn.reset(victim)
     w.pump()
+    assert w.of(aborter, StreamClosed) == [StreamClosed(victim)]  # the aborting side's record ends too
+    assert w.of(aborter, StreamReset) == []
     assert w.of(other, StreamReset) == [StreamReset(victim, ErrorCodes.CONNECT_ERROR, before_response=False)]
     assert w.of(other, StreamClosed) == [StreamClosed(victim)]
     payload = os.urandom(100_000)
