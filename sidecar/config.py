@@ -61,12 +61,41 @@ class Inbound:
 
 
 @dataclass(frozen=True)
+class Tunnel:
+    """``outbound[].tunnel``: each app connection becomes a CONNECT stream on a pooled
+    connection to the upstream's HBONE listener (contract section 11)."""
+
+    protocol: str  # only "hbone"
+    target_port: int | None  # the port CONNECT asks for; required on outbound listeners
+    max_streams: int = 100  # per pooled connection; the peer's MAX_CONCURRENT_STREAMS may lower it
+    idle_timeout: float = 300.0  # a pooled connection without streams for this long is closed
+
+
+@dataclass(frozen=True)
 class Outbound:
     name: str
     listen: Address
     upstream: Address
     server_identity: tuple[Pattern, ...] | None
     sni: str | None
+    tunnel: Tunnel | None = None
+
+
+@dataclass(frozen=True)
+class HbonePort:
+    """One CONNECT target of the ``hbone`` listener: ``127.0.0.1:port``, for whom."""
+
+    port: int
+    allow: tuple[Pattern, ...]
+
+
+@dataclass(frozen=True)
+class Hbone:
+    """The ``hbone`` section: accept HTTP/2 CONNECT streams over mTLS (ALPN h2)."""
+
+    listen: Address
+    ports: tuple[HbonePort, ...]
+    name: str = "hbone"
 
 
 @dataclass(frozen=True)
@@ -95,6 +124,7 @@ class Config:
     inbound: tuple[Inbound, ...] = ()
     outbound: tuple[Outbound, ...] = ()
     admin: Admin | None = None
+    hbone: Hbone | None = None
     limits: Limits = field(default_factory=Limits)
     log: Log = field(default_factory=Log)
     workers: int = 1  # processes serving the listeners; ``auto`` in YAML is the number of cores
@@ -126,7 +156,9 @@ def load(path: Path) -> Config:
 
 
 def parse(data: Any, *, base_dir: Path, path: Path | None = None) -> Config:
-    top = _mapping(data, "", required={"tls"}, optional={"inbound", "outbound", "admin", "limits", "log", "workers"})
+    top = _mapping(
+        data, "", required={"tls"}, optional={"inbound", "outbound", "admin", "hbone", "limits", "log", "workers"}
+    )
     cfg = Config(
         tls=_tls(top["tls"], "tls", base_dir),
         inbound=tuple(_inbound(v, f"inbound[{i}]") for i, v in enumerate(_list(top.get("inbound", []), "inbound"))),
@@ -134,13 +166,14 @@ def parse(data: Any, *, base_dir: Path, path: Path | None = None) -> Config:
             _outbound(v, f"outbound[{i}]") for i, v in enumerate(_list(top.get("outbound", []), "outbound"))
         ),
         admin=_admin(top["admin"], "admin") if top.get("admin") is not None else None,
+        hbone=_hbone(top["hbone"], "hbone") if top.get("hbone") is not None else None,
         limits=_limits(top.get("limits") or {}, "limits"),
         log=_log(top.get("log") or {}, "log"),
         workers=_workers(top.get("workers", 1), "workers"),
         path=path,
     )
-    if not cfg.inbound and not cfg.outbound:
-        raise ConfigError("inbound/outbound: at least one listener is required")
+    if not cfg.inbound and not cfg.outbound and cfg.hbone is None:
+        raise ConfigError("inbound/outbound/hbone: at least one listener is required")
     _check_unique_names(cfg)
     return cfg
 
@@ -230,7 +263,7 @@ def _inbound(value: Any, where: str) -> Inbound:
 
 
 def _outbound(value: Any, where: str) -> Outbound:
-    m = _mapping(value, where, required={"name", "listen", "upstream"}, optional={"server_identity", "sni"})
+    m = _mapping(value, where, required={"name", "listen", "upstream"}, optional={"server_identity", "sni", "tunnel"})
     upstream = _dialable(m["upstream"], f"{where}.upstream")
     server_identity: tuple[Pattern, ...] | None = None
     if m.get("server_identity") is not None:
@@ -252,6 +285,50 @@ def _outbound(value: Any, where: str) -> Outbound:
         upstream=upstream,
         server_identity=server_identity,
         sni=sni.strip() if isinstance(sni, str) else None,
+        tunnel=_tunnel(m["tunnel"], f"{where}.tunnel", needs_target_port=True) if m.get("tunnel") is not None else None,
+    )
+
+
+def _tunnel(value: Any, where: str, *, needs_target_port: bool) -> Tunnel:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping like {{protocol: hbone, target_port: 8080}}, got {value!r}")
+    required = {"protocol", "target_port"} if needs_target_port else {"protocol"}
+    m = _mapping(value, where, required=required, optional={"target_port", "max_streams", "idle_timeout"})
+    protocol = _choice(m["protocol"], f"{where}.protocol", ("hbone",))
+    d = Tunnel(protocol, None)
+    idle = parse_duration(m.get("idle_timeout", d.idle_timeout), f"{where}.idle_timeout")
+    if idle == 0:
+        raise ConfigError(f"{where}.idle_timeout: must be greater than 0")
+    return Tunnel(
+        protocol=protocol,
+        target_port=_port(m["target_port"], f"{where}.target_port") if "target_port" in m else None,
+        max_streams=_whole(m.get("max_streams", d.max_streams), f"{where}.max_streams", 1, 1000),
+        idle_timeout=idle,
+    )
+
+
+def _hbone(value: Any, where: str) -> Hbone:
+    m = _mapping(value, where, required={"listen", "ports"}, optional={"name"})
+    items = _list(m["ports"], f"{where}.ports")
+    if not items:
+        raise ConfigError(f"{where}.ports: must list at least one port peers may reach")
+    ports: dict[int, str] = {}
+    parsed = []
+    for i, item in enumerate(items):
+        at = f"{where}.ports[{i}]"
+        pm = _mapping(item, at, required={"port", "allow"})
+        port = _port(pm["port"], f"{at}.port")
+        if port in ports:
+            raise ConfigError(f"{at}.port: {port} is already listed at {ports[port]}")
+        ports[port] = at
+        allow = _list(pm["allow"], f"{at}.allow")
+        if not allow:
+            raise ConfigError(f'{at}.allow: must list at least one identity (write "*" to allow any verified peer)')
+        parsed.append(HbonePort(port, tuple(_pattern(p, f"{at}.allow[{j}]") for j, p in enumerate(allow))))
+    return Hbone(
+        listen=parse_address(m["listen"], f"{where}.listen"),
+        ports=tuple(parsed),
+        name=_name(m.get("name", "hbone"), f"{where}.name"),
     )
 
 
@@ -337,6 +414,16 @@ def _name(value: Any, where: str) -> str:
     return value
 
 
+def _whole(value: Any, where: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{where}: expected a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+def _port(value: Any, where: str) -> int:
+    return _whole(value, where, 1, 65535)
+
+
 def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{where}: expected one of {'|'.join(choices)}, got {value!r}")
@@ -370,6 +457,8 @@ def _check_unique_names(cfg: Config) -> None:
     seen: dict[str, str] = {}
     names = [(f"inbound[{i}].name", x.name) for i, x in enumerate(cfg.inbound)]
     names += [(f"outbound[{i}].name", x.name) for i, x in enumerate(cfg.outbound)]
+    if cfg.hbone is not None:
+        names.append(("hbone.name", cfg.hbone.name))
     for where, name in names:
         if name in seen:
             raise ConfigError(f"{where}: {name!r} is already the name of {seen[name]}")

@@ -744,3 +744,62 @@ class BlackHole:
     def close(self) -> None:
         self._filler.close()
         self.sock.close()
+
+
+class TunnelWire:
+    """An HBONE client and server object joined in memory, optionally through a ``MemoryLink``
+    (real TLS in between); ``pump`` moves bytes both ways until both are quiet, collecting events.
+
+    ``auto_consume`` plays a driver whose TCP side writes everything at once: each delivered
+    byte is reported consumed, which is what reopens the sender's window."""
+
+    def __init__(self, client: Any, server: Any, link: MemoryLink | None = None) -> None:
+        self.client, self.server, self.link = client, server, link
+        self.now = 0.0
+        self.client_events: list[Any] = []
+        self.server_events: list[Any] = []
+        self.received: dict[tuple[str, int], bytearray] = {}
+        self.auto_consume = {"client": True, "server": True}
+
+    def _carry(self, data: bytes, to_server: bool) -> bytes:
+        if self.link is None or not data:
+            return data
+        src, bio, dst = (
+            (self.link.client, self.link.s_in, self.link.server)
+            if to_server
+            else (self.link.server, self.link.c_in, self.link.client)
+        )
+        src.write(data)
+        bio.write((self.link.c_out if to_server else self.link.s_out).read())
+        out = bytearray()
+        with contextlib.suppress(ssl.SSLWantReadError):
+            while chunk := dst.read(1 << 20):
+                out += chunk
+        return bytes(out)
+
+    def pump(self, rounds: int = 10_000) -> None:
+        for _ in range(rounds):
+            moved = False
+            for conn, peer, to_server in ((self.client, self.server, True), (self.server, self.client, False)):
+                data = self._carry(conn.data_to_send(), to_server)
+                if data:
+                    moved = True
+                    peer.receive_data(data, self.now)
+            for side, conn, sink in (
+                ("client", self.client, self.client_events),
+                ("server", self.server, self.server_events),
+            ):
+                for event in conn.events():
+                    sink.append(event)
+                    moved = True
+                    if type(event).__name__ == "StreamData":
+                        self.received.setdefault((side, event.stream_id), bytearray()).extend(event.data)
+                        if self.auto_consume[side]:
+                            conn.consumed(event.stream_id, len(event.data))
+            if not moved:
+                return
+        raise AssertionError("the wire never went quiet")
+
+    def of(self, side: str, kind: type, stream_id: int | None = None) -> list[Any]:
+        events = self.client_events if side == "client" else self.server_events
+        return [e for e in events if isinstance(e, kind) and (stream_id is None or e.stream_id == stream_id)]
