@@ -1,7 +1,8 @@
 """The sidecar's one vocabulary of errors.
 
 Every error a user can cause (bad config, bad files) is a ``SidecarError``; the CLI maps those to
-exit code 2 with the message alone. Anything else is a bug and keeps its traceback.
+exit code 2 with the message alone, except ``WorkloadAPIUnavailable`` (exit 1: the config is fine,
+the agent is not there). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,3 +22,7 @@ class CertificateError(SidecarError):
 
 class PKIError(SidecarError):
     """``sidecar pki`` could not create or issue what was asked."""
+
+
+class WorkloadAPIUnavailable(SidecarError):
+    """No usable X.509-SVID came from the Workload API socket in time; the message names the socket."""
