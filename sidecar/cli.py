@@ -1,7 +1,8 @@
 """The ``sidecar`` command: the only place that exits.
 
-User errors (``SidecarError``) become one line on stderr and exit 2, no traceback. ``run`` exits 0
-after a clean drain; ``check`` exits 0 when the config and every file it names are usable.
+User errors (``SidecarError``) become one line on stderr and exit 2, no traceback; a Workload API
+that gave no certificate in time exits 1. ``run`` exits 0 after a clean drain; ``check`` exits 0
+when the config and every file it names (or the Workload API's answer) are usable.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
-from .errors import SidecarError
+from .errors import SidecarError, WorkloadAPIUnavailable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -69,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo import run_demo
 
             return run_demo(keep=args.keep)
+    except WorkloadAPIUnavailable as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except SidecarError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -96,12 +100,21 @@ def _run(config_arg: str | None) -> int:
 
 def _check(config_arg: str | None) -> int:
     from . import config as config_mod
-    from .tls import load_material
+    from .tls import load_material, read_files
 
     path = config_mod.resolve_path(config_arg)
     cfg = config_mod.load(path)
-    material = load_material(cfg.tls)  # the same validation `run` does, chain to the bundle included
     listeners = f"{len(cfg.inbound)} inbound, {len(cfg.outbound)} outbound listener(s)"
+    if isinstance(cfg.tls, config_mod.TLSWorkloadAPI):
+        from .workload_api import fetch_material
+
+        material = fetch_material(cfg.tls)  # waits for the first SVID as `run` does, same deadline
+        domains = ", ".join(material.trust_domains)
+        print(f"ok: {path} presents {material.identity.summary()} from {cfg.tls.address}; ", end="")
+        print(f"trust domains {domains}; {listeners}")
+        return EXIT_OK
+    # the same validation `run` does, chain to the bundle included
+    material = load_material(read_files(cfg.tls), session_resumption=cfg.tls.session_resumption)
     print(f"ok: {path} presents {material.identity.summary()}; {listeners}")
     return EXIT_OK
 

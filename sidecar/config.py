@@ -23,6 +23,7 @@ from .identity import Pattern, parse_pattern
 
 DEFAULT_CONFIG = Path("config/sidecar.yaml")
 MAX_WORKERS = 64
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -50,6 +51,22 @@ class TLSFiles:
 
     def paths(self) -> tuple[Path, ...]:
         return tuple(p for p in (self.cert, self.key, self.ca, self.crl) if p is not None)
+
+
+@dataclass(frozen=True)
+class TLSWorkloadAPI:
+    """The ``tls`` section with ``workload_api``: identity and trust streamed by a SPIFFE agent."""
+
+    address: str  # as written: ``unix:///run/spire/sockets/agent.sock``
+    socket: Path  # the unix socket it names
+    session_resumption: bool = True
+    session_lifetime: float = 3600.0
+
+    def paths(self) -> tuple[Path, ...]:
+        return ()  # nothing on disk to watch: the agent pushes every change
+
+
+TLSSettings = TLSFiles | TLSWorkloadAPI
 
 
 @dataclass(frozen=True)
@@ -120,7 +137,7 @@ class Log:
 
 @dataclass(frozen=True)
 class Config:
-    tls: TLSFiles
+    tls: TLSSettings
     inbound: tuple[Inbound, ...] = ()
     outbound: tuple[Outbound, ...] = ()
     admin: Admin | None = None
@@ -221,10 +238,14 @@ def parse_address(value: Any, where: str) -> Address:
 # -- sections ---------------------------------------------------------------------------------
 
 
-def _tls(value: Any, where: str, base_dir: Path) -> TLSFiles:
-    m = _mapping(
-        value, where, required={"cert", "key", "ca"}, optional={"crl", "session_resumption", "session_lifetime"}
-    )
+_SESSION_KEYS = frozenset({"session_resumption", "session_lifetime"})
+_FILE_KEYS = ("cert", "key", "ca", "crl")
+
+
+def _tls(value: Any, where: str, base_dir: Path) -> TLSSettings:
+    if isinstance(value, Mapping) and "workload_api" in value:
+        return _tls_workload_api(value, where)
+    m = _mapping(value, where, required={"cert", "key", "ca"}, optional={"crl", *_SESSION_KEYS})
 
     def path(key: str) -> Path:
         raw = m[key]
@@ -233,12 +254,7 @@ def _tls(value: Any, where: str, base_dir: Path) -> TLSFiles:
         p = Path(raw).expanduser()
         return p if p.is_absolute() else base_dir / p
 
-    resumption = m.get("session_resumption", True)
-    if not isinstance(resumption, bool):
-        raise ConfigError(f"{where}.session_resumption: expected true or false, got {resumption!r}")
-    lifetime = parse_duration(m.get("session_lifetime", "1h"), f"{where}.session_lifetime")
-    if lifetime <= 0 or lifetime > 7 * 86400:
-        raise ConfigError(f"{where}.session_lifetime: must be more than 0 and at most 7 days (RFC 8446 4.6.1)")
+    resumption, lifetime = _sessions(m, where)
     return TLSFiles(
         cert=path("cert"),
         key=path("key"),
@@ -247,6 +263,48 @@ def _tls(value: Any, where: str, base_dir: Path) -> TLSFiles:
         session_resumption=resumption,
         session_lifetime=lifetime,
     )
+
+
+def _tls_workload_api(value: Mapping[str, Any], where: str) -> TLSWorkloadAPI:
+    both = [f"{where}.{key}" for key in _FILE_KEYS if key in value]
+    if both:
+        raise ConfigError(
+            f"{where}.workload_api: cannot be combined with {', '.join(both)} "
+            "(certificates come from the Workload API or from files, not both)"
+        )
+    m = _mapping(value, where, required={"workload_api"}, optional=_SESSION_KEYS)
+    address = m["workload_api"]
+    resumption, lifetime = _sessions(m, where)
+    return TLSWorkloadAPI(
+        address=address,
+        socket=parse_unix_address(address, f"{where}.workload_api"),
+        session_resumption=resumption,
+        session_lifetime=lifetime,
+    )
+
+
+def _sessions(m: Mapping[str, Any], where: str) -> tuple[bool, float]:
+    resumption = m.get("session_resumption", True)
+    if not isinstance(resumption, bool):
+        raise ConfigError(f"{where}.session_resumption: expected true or false, got {resumption!r}")
+    lifetime = parse_duration(m.get("session_lifetime", "1h"), f"{where}.session_lifetime")
+    if lifetime <= 0 or lifetime > 7 * 86400:
+        raise ConfigError(f"{where}.session_lifetime: must be more than 0 and at most 7 days (RFC 8446 4.6.1)")
+    return resumption, lifetime
+
+
+def parse_unix_address(value: Any, where: str) -> Path:
+    """``unix:///absolute/path`` to the socket's path; nothing else (no TCP, no relative path)."""
+    if not isinstance(value, str) or not value.startswith("unix://"):
+        raise ConfigError(f'{where}: expected "unix:///path/to/agent.sock", got {value!r}')
+    raw = value.removeprefix("unix://")
+    if not raw.startswith("/"):
+        raise ConfigError(f'{where}: the socket path must be absolute ("unix:///path", three slashes), got {value!r}')
+    if "\0" in raw or raw.endswith("/"):
+        raise ConfigError(f"{where}: not a socket path: {value!r}")
+    if len(raw.encode()) > UNIX_PATH_MAX:
+        raise ConfigError(f"{where}: socket path longer than {UNIX_PATH_MAX} bytes, the limit of a unix socket")
+    return Path(raw)
 
 
 def _inbound(value: Any, where: str) -> Inbound:

@@ -13,11 +13,10 @@ import asyncio
 import pickle
 import socket
 import struct
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .config import Config
+from .tls import PemBundle
 
 _HEADER = struct.Struct("!I")
 MAX_MESSAGE = 16 * 1024 * 1024
@@ -25,12 +24,12 @@ MAX_MESSAGE = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Start:
-    """What a worker runs: its index, its config, the TLS files' bytes, the session-ticket keys
+    """What a worker runs: its index, its config, the TLS material's bytes, the session-ticket keys
     and the numbers of the listening sockets it inherited (per listener, in config order)."""
 
     index: int
     config: Config
-    file_bytes: Mapping[Path, bytes] = field(repr=False)  # holds the private key: never in a repr
+    bundle: PemBundle = field(repr=False)  # holds the private key: never in a repr
     ticket_keys: bytes = field(repr=False)
     listen_fds: list[list[int]] = field(default_factory=list)
 
@@ -45,7 +44,7 @@ class Apply:
     """Serve this material from now on; answer with ``Applied(number, ...)``."""
 
     number: int
-    file_bytes: Mapping[Path, bytes] = field(repr=False)
+    bundle: PemBundle = field(repr=False)
     ticket_keys: bytes = field(repr=False)
 
 

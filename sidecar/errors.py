@@ -1,8 +1,9 @@
 """The sidecar's one vocabulary of errors, by whose fault it was.
 
 ``SidecarError``: a problem the user can fix (bad config, bad files); the CLI maps those to exit
-code 2 with the message alone. ``PeerError``: something the far end of one connection did, or its
-socket suffered; it ends that connection, is counted and logged, and is never fatal to the process.
+code 2 with the message alone, except ``WorkloadAPIUnavailable`` (exit 1: the config is fine, the
+agent is not there). ``PeerError``: something the far end of one connection did, or its socket
+suffered; it ends that connection, is counted and logged, and is never fatal to the process.
 Anything else is a bug and keeps its traceback.
 """
 
@@ -23,6 +24,10 @@ class CertificateError(SidecarError):
 
 class PKIError(SidecarError):
     """``sidecar pki`` could not create or issue what was asked."""
+
+
+class WorkloadAPIUnavailable(SidecarError):
+    """No usable X.509-SVID came from the Workload API socket in time; the message names the socket."""
 
 
 class WorkerError(SidecarError):

@@ -58,7 +58,7 @@ class OutboundPolicy:
         self.spec = spec
         self.name = spec.name
         self.store = store
-        self.sessions = SessionCache(store.files.session_lifetime if store.files.session_resumption else 0.0)
+        self.sessions = SessionCache(store.tls.session_lifetime if store.tls.session_resumption else 0.0)
         self._server_hostname = spec.sni or (None if is_ip(spec.upstream.host) else spec.upstream.host)
 
     def tls_engine(self) -> TLSEngine:

@@ -27,8 +27,6 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping
-from pathlib import Path
 
 from prometheus_client import multiprocess
 
@@ -37,7 +35,7 @@ from .control import Applied, Apply, Force, Message, Ready, Start, Stop, encode,
 from .errors import SidecarError
 from .logs import event
 from .tickets import new_keys
-from .tls import Material
+from .tls import Material, PemBundle
 
 log = logging.getLogger("sidecar.workers")
 
@@ -152,15 +150,15 @@ class WorkerPool:
         worker that failed is restarted, and takes ``material`` as it starts again."""
         self._material, self._ticket_keys = material, new_keys()  # a reload voids every ticket issued before
         self._pushes += 1
-        pushes = (self._push_one(slot, material.file_bytes, self._pushes) for slot in self._slots)
+        pushes = (self._push_one(slot, material.bundle, self._pushes) for slot in self._slots)
         results = await asyncio.gather(*pushes)
         return [problem for problem in results if problem]
 
-    async def _push_one(self, slot: _Slot, file_bytes: Mapping[Path, bytes], number: int) -> str | None:
+    async def _push_one(self, slot: _Slot, bundle: PemBundle, number: int) -> str | None:
         if not slot.ready or slot.writer is None:
             return None  # it takes the newest material when it (re)starts
         try:
-            slot.writer.write(encode(Apply(number, file_bytes, self._ticket_keys)))
+            slot.writer.write(encode(Apply(number, bundle, self._ticket_keys)))
             async with asyncio.timeout(PUSH_TIMEOUT):
                 while (reply := await slot.replies.get()).number != number:
                     pass  # the late answer to an earlier push that timed out
@@ -232,7 +230,7 @@ class WorkerPool:
         slot.replies = asyncio.Queue()
         try:
             cfg = worker_config(self.cfg, self.count)
-            writer.write(encode(Start(slot.index, cfg, self._material.file_bytes, self._ticket_keys, listen_fds)))
+            writer.write(encode(Start(slot.index, cfg, self._material.bundle, self._ticket_keys, listen_fds)))
             while (msg := await receive(reader)) is not None:
                 if isinstance(msg, Ready):
                     slot.ready = True

@@ -1,8 +1,9 @@
-"""The owner of this sidecar's TLS material: identity chain, key, CA bundle and CRL.
+"""The owner of this sidecar's TLS material: identity chain, key, trust bundles and CRL.
 
-Material is read and validated off the event loop, built into ready SSL contexts, and published
-with one attribute store, so a handshake uses all-old or all-new material, never a mix. Listeners
-ask ``store.material`` once per accepted connection. A failed load keeps the old material.
+Whatever the source (files on disk, the SPIFFE Workload API), material arrives as a ``PemBundle``
+of bytes; it is validated off the event loop, built into ready SSL contexts, and published with
+one attribute store, so a handshake uses all-old or all-new material, never a mix. Listeners ask
+``store.material`` once per accepted connection. A failed load keeps the old material.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from .config import TLSFiles
+from .config import TLSFiles, TLSSettings
 from .errors import CertificateError, SidecarError, WorkerError
 from .identity import from_certificate
 from .logs import event
@@ -65,6 +66,90 @@ class CertInfo:
         return f"{who} (serial {self.serial}, valid until {self.not_after.isoformat()})"
 
 
+# The pieces of a bundle, as error messages name them.
+CERT, KEY, CA, CRL = "certificate", "key", "CA bundle", "CRL"
+_SPIFFE_PIECES = {CERT: "X.509-SVID", KEY: "X.509-SVID key", CA: "trust bundle", CRL: "CRL"}
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a bundle came from, and how its error messages name each piece.
+
+    ``label(piece)`` opens a message about that piece ("key file 'k.pem'"), ``ref(piece)`` names it
+    inside one ("'k.pem'"), so messages about files read as they always have."""
+
+    source: str  # "files" or "workload_api": what ``/certs`` says
+    labels: Mapping[str, str]
+    refs: Mapping[str, str]
+    address: str | None = None  # the Workload API socket, ``unix:///...``
+    paths: Mapping[str, Path] = field(default_factory=dict)  # files: each piece's file
+
+    @classmethod
+    def files(cls, files: TLSFiles) -> Origin:
+        paths = {w: p for w, p in ((CERT, files.cert), (KEY, files.key), (CA, files.ca), (CRL, files.crl)) if p}
+        return cls(
+            source="files",
+            labels={what: f"{what} file '{path}'" for what, path in paths.items()},
+            refs={what: f"'{path}'" for what, path in paths.items()},
+            paths=paths,
+        )
+
+    @classmethod
+    def workload_api(cls, address: str, spiffe_id: str, trust_domains: Sequence[str]) -> Origin:
+        svid = f"'{spiffe_id}' from {address}"
+        return cls(
+            source="workload_api",
+            labels={what: f"{name} {svid}" for what, name in _SPIFFE_PIECES.items()},
+            refs={CERT: svid, KEY: svid, CA: f"of {', '.join(trust_domains)} from {address}", CRL: address},
+            address=address,
+        )
+
+    def label(self, piece: str) -> str:
+        return self.labels[piece]
+
+    def ref(self, piece: str) -> str:
+        return self.refs[piece]
+
+
+@dataclass(frozen=True)
+class TrustBundle:
+    """The CA certificates (PEM) trusted for one trust domain; ``None`` for a CA file's bundle."""
+
+    trust_domain: str | None
+    pem: bytes
+
+
+@dataclass(frozen=True)
+class PemBundle:
+    """One generation of TLS material as bytes, whatever its source: what ``load_material``
+    builds from, and how a supervisor hands the very same generation to its workers.
+
+    ``chain``: PEM, leaf first. ``key``: PEM (never logged, never in a repr). ``trust``: the CA
+    bundles; a peer is verified against their union. ``crl``: PEM CRLs, or None."""
+
+    chain: bytes
+    key: bytes = field(repr=False)
+    trust: tuple[TrustBundle, ...]
+    origin: Origin
+    crl: bytes | None = None
+
+    @property
+    def trust_domains(self) -> tuple[str, ...]:
+        return tuple(b.trust_domain for b in self.trust if b.trust_domain is not None)
+
+
+def read_files(files: TLSFiles) -> PemBundle:
+    """The files' bytes as a bundle (blocking: reads the disk)."""
+    read = _Reader()
+    return PemBundle(
+        chain=read(files.cert, CERT),
+        key=read(files.key, KEY),
+        trust=(TrustBundle(None, read(files.ca, CA)),),
+        crl=read(files.crl, CRL) if files.crl is not None else None,
+        origin=Origin.files(files),
+    )
+
+
 @dataclass(frozen=True)
 class Material:
     """One consistent generation of TLS material with contexts ready for handshakes."""
@@ -73,30 +158,60 @@ class Material:
     client_ctx_hostname: ssl.SSLContext  # verifies the upstream's DNS name
     client_ctx_identity: ssl.SSLContext  # leaves identity to ``server_identity`` patterns
     chain: tuple[x509.Certificate, ...]
-    cas: tuple[x509.Certificate, ...]
+    cas: tuple[x509.Certificate, ...]  # every trust bundle's CAs: peers are verified against the union
     identity: CertInfo
     ca_infos: tuple[CertInfo, ...]
     loaded_at: float
     generation: int
-    # The files' bytes as read, by path: how a supervisor hands the very same generation to its
+    # The bytes it was built from: how a supervisor hands the very same generation to its
     # workers. Holds the private key: never logged, never in a repr.
-    file_bytes: Mapping[Path, bytes] = field(repr=False, compare=False, default_factory=dict)
+    bundle: PemBundle = field(repr=False, compare=False)
+    # Each trust domain's CAs (Workload API only): what ``peer_trust_problem`` checks against.
+    authorities: Mapping[str, tuple[x509.Certificate, ...]] = field(repr=False, compare=False, default_factory=dict)
 
     def client_ctx(self, *, verify_hostname: bool) -> ssl.SSLContext:
         return self.client_ctx_hostname if verify_hostname else self.client_ctx_identity
 
+    @property
+    def source(self) -> str:
+        return self.bundle.origin.source
+
+    @property
+    def trust_domains(self) -> tuple[str, ...]:
+        return self.bundle.trust_domains
+
+    def peer_trust_problem(self, verified_chain: Sequence[x509.Certificate]) -> str | None:
+        """Why a peer whose chain verified against the union of bundles must still be refused:
+        its SPIFFE ID's trust domain has no bundle, or its chain does not lead to that bundle
+        (SPIFFE Workload API 4.6: a federated CA must not vouch for another trust domain). None
+        when it is fine, and always for material from files (one bundle, no trust domains)."""
+        if not self.authorities:
+            return None
+        ids = from_certificate(verified_chain[0]).spiffe_ids
+        if len(ids) != 1:
+            return "the peer's certificate does not carry exactly one SPIFFE ID"
+        trust_domain = ids[0].removeprefix("spiffe://").split("/", 1)[0]
+        cas = self.authorities.get(trust_domain)
+        if cas is None:
+            return f"no trust bundle for the peer's trust domain {trust_domain}"
+        problem = chain_problem(verified_chain, cas)
+        return f"{problem} of its trust domain {trust_domain}" if problem else None
+
 
 class TLSStore:
-    """Holds the current ``Material``; ``reload`` swaps it only when the new files are good."""
+    """Holds the current ``Material``; ``reload`` swaps it only when the new bundle is good.
+
+    Files are re-read on every ``reload()``; a pushed source (the Workload API) hands each new
+    bundle to ``accept``, and a bare ``reload()`` rebuilds from the newest bundle it took."""
 
     def __init__(
         self,
-        files: TLSFiles,
+        tls: TLSSettings,
         *,
         on_reload: Callable[[bool, str | None], None] | None = None,
         before_publish: Callable[[Material], Awaitable[list[str]]] | None = None,
     ) -> None:
-        self.files = files
+        self.tls = tls
         self._before_publish = before_publish  # a supervisor hands new material to its workers: problems
         self._material: Material | None = None
         self._on_reload = on_reload
@@ -116,24 +231,20 @@ class TLSStore:
     def loaded(self) -> bool:
         return self._material is not None
 
-    async def load(self, file_bytes: Mapping[Path, bytes] | None = None, ticket_keys: bytes | None = None) -> Material:
+    async def load(self, bundle: PemBundle | None = None, ticket_keys: bytes | None = None) -> Material:
         """First load: like ``reload`` but a failure is fatal to the caller."""
-        material = await asyncio.to_thread(load_material, self.files, 1, file_bytes=file_bytes, ticket_keys=ticket_keys)
+        material = await asyncio.to_thread(self._build, bundle, 1, ticket_keys)
         self._publish(material)
         return material
 
-    async def reload(
-        self, file_bytes: Mapping[Path, bytes] | None = None, ticket_keys: bytes | None = None
-    ) -> Material:
-        """Re-read every file (or take their bytes from ``file_bytes``); publish on success, keep the
-        old material and raise ``CertificateError`` on failure. With workers, ``WorkerError`` when
-        the new material is published but not every worker serves it yet."""
+    async def reload(self, bundle: PemBundle | None = None, ticket_keys: bytes | None = None) -> Material:
+        """Build from ``bundle`` (None: re-read the files, or rebuild from the newest pushed bundle);
+        publish on success, keep the old material and raise ``CertificateError`` on failure. With
+        workers, ``WorkerError`` when the new material is published but not every worker serves it yet."""
         async with self._lock:
             generation = self._material.generation + 1 if self._material else 1
             try:
-                material = await asyncio.to_thread(
-                    load_material, self.files, generation, file_bytes=file_bytes, ticket_keys=ticket_keys
-                )
+                material = await asyncio.to_thread(self._build, bundle, generation, ticket_keys)
             except CertificateError as exc:
                 self._failed(exc)
             problems = await self._before_publish(material) if self._before_publish is not None else []
@@ -153,6 +264,23 @@ class TLSStore:
             self._on_reload(False, str(exc))
         raise exc
 
+    async def accept(self, bundle: PemBundle) -> Material:
+        """Take a bundle a source pushed: the first one loads, every later one reloads."""
+        return await (self.reload(bundle) if self.loaded else self.load(bundle))
+
+    def _build(self, given: PemBundle | None, generation: int, ticket_keys: bytes | None) -> Material:
+        if isinstance(given, PemBundle):
+            bundle = given
+        elif isinstance(self.tls, TLSFiles):
+            bundle = read_files(self.tls)
+        elif self._material is not None:
+            bundle = self._material.bundle
+        else:
+            raise CertificateError(f"tls.workload_api: no X.509-SVID received from {self.tls.address} yet")
+        return load_material(
+            bundle, session_resumption=self.tls.session_resumption, generation=generation, ticket_keys=ticket_keys
+        )
+
     def _publish(self, material: Material) -> None:
         self._material = material
         for subscriber in self.subscribers:
@@ -160,48 +288,52 @@ class TLSStore:
 
 
 def load_material(
-    files: TLSFiles,
-    generation: int = 1,
+    bundle: PemBundle,
     *,
+    session_resumption: bool = True,
+    generation: int = 1,
     now: datetime | None = None,
-    file_bytes: Mapping[Path, bytes] | None = None,
     ticket_keys: bytes | None = None,
 ) -> Material:
-    """Read, validate (key matches, leaf valid now, chain leads to the bundle) and build contexts
+    """Validate (key matches, leaf valid now, chain leads to a trust bundle) and build contexts
     (blocking: run it in a thread).
 
-    ``file_bytes``: the files' bytes already read (by the supervisor), instead of reading the disk.
     ``ticket_keys``: session-ticket keys shared by every worker of a supervisor (``tickets.py``).
     """
-    read = _Reader(file_bytes)
-    chain = _read_certs(read(files.cert, "certificate"), files.cert, "certificate")
-    key = _read_key(read(files.key, "key"), files.key)
+    o = bundle.origin
+    chain = _read_certs(bundle.chain, o.label(CERT))
+    key = _read_key(bundle.key, o.label(KEY))
     leaf = chain[0]
     if _public_bytes(key) != _public_bytes(leaf):
-        raise CertificateError(f"key file '{files.key}' does not match certificate '{files.cert}'")
-    _check_validity(leaf, files.cert, now or datetime.now(UTC))
-    cas = _read_certs(read(files.ca, "CA bundle"), files.ca, "CA bundle")
-    crl_pem = _read_crls(read(files.crl, "CRL"), files.crl) if files.crl is not None else None
+        raise CertificateError(f"{o.label(KEY)} does not match certificate {o.ref(CERT)}")
+    _check_validity(leaf, o.ref(CERT), now or datetime.now(UTC))
+    if not bundle.trust:
+        raise CertificateError(f"{o.label(CA)}: holds no certificate")
+    authorities = {b.trust_domain: tuple(_read_certs(b.pem, o.label(CA))) for b in bundle.trust}
+    cas = [ca for certs in authorities.values() for ca in certs]
+    crl_pem = _read_crls(bundle.crl, o.label(CRL)) if bundle.crl is not None else None
     problem = chain_problem(chain, cas)
     if problem:
-        raise CertificateError(f"certificate '{files.cert}': {problem} '{files.ca}'")
+        raise CertificateError(f"certificate {o.ref(CERT)}: {problem} {o.ref(CA)}")
 
     cert_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     ca_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cas)
+    loading = f"loading {o.ref(CERT)}, {o.ref(KEY)}, {o.ref(CA)} into TLS"
     with _private_file(cert_pem + key_pem) as pair_path, _private_file(crl_pem or b"") as crl_path:
-        server = _context(ssl.PROTOCOL_TLS_SERVER, pair_path, ca_pem, crl_path if crl_pem else None, files)
+        crl = crl_path if crl_pem else None
+        server = _context(ssl.PROTOCOL_TLS_SERVER, pair_path, ca_pem, crl, loading)
         server.verify_mode = ssl.CERT_REQUIRED
         # TLS 1.3 tickets are sealed with keys random to this context: a reload (new contexts)
         # makes every ticket issued before it useless, so a resumed peer always resumes trust
         # material that is still current.
-        server.num_tickets = 1 if files.session_resumption else 0
-        if ticket_keys is not None and files.session_resumption and not set_ticket_keys(server, ticket_keys):
+        server.num_tickets = 1 if session_resumption else 0
+        if ticket_keys is not None and session_resumption and not set_ticket_keys(server, ticket_keys):
             event(log, logging.WARNING, "cannot share session-ticket keys between workers; tickets stay per worker")
-        client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
-        client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
+        client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
+        client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
         client_i.check_hostname = False  # identity is checked against server_identity after the handshake
     return Material(
         server_ctx=server,
@@ -213,7 +345,8 @@ def load_material(
         ca_infos=tuple(CertInfo.of(c) for c in cas),
         loaded_at=time.time(),
         generation=generation,
-        file_bytes=read.seen,
+        bundle=bundle,
+        authorities={td: certs for td, certs in authorities.items() if td is not None},
     )
 
 
@@ -232,7 +365,7 @@ def chain_problem(chain: Sequence[x509.Certificate], cas: Sequence[x509.Certific
     return f"certificate '{current.subject.rfc4514_string()}' is not issued by any CA in the bundle"
 
 
-def _context(protocol: ssl._SSLMethod, pair: str, ca_pem: bytes, crl: str | None, files: TLSFiles) -> ssl.SSLContext:
+def _context(protocol: ssl._SSLMethod, pair: str, ca_pem: bytes, crl: str | None, loading: str) -> ssl.SSLContext:
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -243,67 +376,61 @@ def _context(protocol: ssl._SSLMethod, pair: str, ca_pem: bytes, crl: str | None
             ctx.load_verify_locations(cafile=crl)
             ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     except (ssl.SSLError, ValueError) as exc:
-        raise CertificateError(f"loading '{files.cert}', '{files.key}', '{files.ca}' into TLS: {exc}") from None
+        raise CertificateError(f"{loading}: {exc}") from None
     return ctx
 
 
 class _Reader:
-    """Reads each file once, from ``given`` bytes when handed over, and remembers what it read."""
+    """Reads each file once (a combined cert+key file too)."""
 
-    def __init__(self, given: Mapping[Path, bytes] | None) -> None:
-        self.given = given
+    def __init__(self) -> None:
         self.seen: dict[Path, bytes] = {}
 
     def __call__(self, path: Path, what: str) -> bytes:
-        if self.given is not None:
-            if path not in self.given:
-                raise CertificateError(f"{what} file '{path}': not among the files handed over")
-            data = self.given[path]
-        else:
+        if path not in self.seen:
             try:
-                data = path.read_bytes()
+                self.seen[path] = path.read_bytes()
             except OSError as exc:
                 raise CertificateError(f"reading {what} file '{path}': {exc.strerror or exc}") from None
-        self.seen[path] = data
-        return data
+        return self.seen[path]
 
 
-def _read_certs(data: bytes, path: Path, what: str) -> list[x509.Certificate]:
+def _read_certs(data: bytes, label: str) -> list[x509.Certificate]:
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise CertificateError(f"{what} file '{path}': not a valid PEM certificate ({exc})") from None
+        raise CertificateError(f"{label}: not a valid PEM certificate ({exc})") from None
     if not certs:
-        raise CertificateError(f"{what} file '{path}': holds no certificate")
+        raise CertificateError(f"{label}: holds no certificate")
     return certs
 
 
-def _read_key(data: bytes, path: Path) -> PrivateKeyTypes:
+def _read_key(data: bytes, label: str) -> PrivateKeyTypes:
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         # never echo the file's content: only what kind of problem it is
         reason = "encrypted keys are not supported" if isinstance(exc, TypeError) else "not a valid PEM private key"
-        raise CertificateError(f"key file '{path}': {reason}") from None
+        raise CertificateError(f"{label}: {reason}") from None
 
 
-def _read_crls(data: bytes, path: Path) -> bytes:
+def _read_crls(data: bytes, label: str) -> bytes:
     blocks = [_CRL_BEGIN + part for part in data.split(_CRL_BEGIN)[1:]]
     if not blocks:
-        raise CertificateError(f"CRL file '{path}': holds no PEM CRL")
+        raise CertificateError(f"{label}: holds no PEM CRL")
     for block in blocks:
         try:
             x509.load_pem_x509_crl(block)
         except ValueError as exc:
-            raise CertificateError(f"CRL file '{path}': not a valid PEM CRL ({exc})") from None
+            raise CertificateError(f"{label}: not a valid PEM CRL ({exc})") from None
     return b"".join(blocks)
 
 
-def _check_validity(cert: x509.Certificate, path: Path, now: datetime) -> None:
+def _check_validity(cert: x509.Certificate, ref: str, now: datetime) -> None:
     if now < cert.not_valid_before_utc:
-        raise CertificateError(f"certificate '{path}' is not valid before {cert.not_valid_before_utc.isoformat()}")
+        raise CertificateError(f"certificate {ref} is not valid before {cert.not_valid_before_utc.isoformat()}")
     if now > cert.not_valid_after_utc:
-        raise CertificateError(f"certificate '{path}' expired at {cert.not_valid_after_utc.isoformat()}")
+        raise CertificateError(f"certificate {ref} expired at {cert.not_valid_after_utc.isoformat()}")
 
 
 def _public_bytes(obj: PrivateKeyTypes | x509.Certificate) -> bytes:

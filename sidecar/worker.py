@@ -1,7 +1,7 @@
 """One worker process of a sidecar with ``workers: N`` (started by ``supervisor.WorkerPool``).
 
 ``python -m sidecar.worker FD``: FD is this worker's end of the control channel (``control.py``).
-The first message (``Start``) carries the config, the TLS files' bytes and the numbers of the
+The first message (``Start``) carries the config, the TLS material's bytes and the numbers of the
 inherited listening sockets; after that the worker proxies like a single sidecar, serves the
 material its supervisor pushes (``Apply``, answered with ``Applied``), and drains when told to
 stop or when the supervisor goes away.
@@ -45,7 +45,7 @@ class Worker(Role):
         self.runtime = Runtime(self.cfg, self.store, DataMetrics(CollectorRegistry()))
 
     async def start(self) -> None:
-        await self.store.load(self.handed.file_bytes, self.handed.ticket_keys)
+        await self.store.load(self.handed.bundle, self.handed.ticket_keys)
         sockets = [[socket.socket(fileno=fd) for fd in fds] for fds in self.handed.listen_fds]
         await self.runtime.serve(sockets)
         self.spawn(self._follow())
@@ -70,7 +70,7 @@ class Worker(Role):
             if isinstance(msg, Apply):
                 error: str | None = None
                 try:
-                    await self.store.reload(msg.file_bytes, msg.ticket_keys)
+                    await self.store.reload(msg.bundle, msg.ticket_keys)
                 except CertificateError as exc:
                     error = str(exc)
                     event(log, logging.ERROR, "certificates from the supervisor refused", error=error)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.config import Address, Config, Limits, load, parse, parse_address, parse_duration
+from sidecar.config import Address, Config, Limits, TLSFiles, TLSWorkloadAPI, load, parse, parse_address, parse_duration
 from sidecar.errors import ConfigError, SidecarError
 
 BASE = Path("/etc/sidecar")
@@ -316,3 +316,62 @@ def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
     path.write_text("tls: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml"):
         load(path)
+
+
+# -- tls.workload_api --------------------------------------------------------------------------------
+
+
+def test_workload_api_replaces_the_files() -> None:
+    cfg = parse(minimal(tls={"workload_api": "unix:///run/spire/sockets/agent.sock"}), base_dir=BASE)
+    assert cfg.tls == TLSWorkloadAPI(
+        address="unix:///run/spire/sockets/agent.sock", socket=Path("/run/spire/sockets/agent.sock")
+    )
+    assert cfg.tls.paths() == ()  # nothing on disk to watch
+
+
+def test_workload_api_takes_the_session_settings() -> None:
+    tls = {"workload_api": "unix:///agent.sock", "session_resumption": False, "session_lifetime": "10m"}
+    cfg = parse(minimal(tls=tls), base_dir=BASE)
+    assert isinstance(cfg.tls, TLSWorkloadAPI)
+    assert (cfg.tls.session_resumption, cfg.tls.session_lifetime) == (False, 600.0)
+
+
+@pytest.mark.parametrize("key", ["cert", "key", "ca", "crl"])
+def test_workload_api_with_files_is_an_error_naming_workload_api(key: str) -> None:
+    tls = {"workload_api": "unix:///agent.sock", key: "x.pem"}
+    message = parse_error(minimal(tls=tls))
+    assert message.startswith("tls.workload_api: cannot be combined with"), message
+    assert f"tls.{key}" in message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/run/agent.sock",  # no scheme
+        "unix:/run/agent.sock",  # gRPC's one-slash form: not what the contract writes
+        "unix://run/agent.sock",  # an authority, not an absolute path
+        "tcp://127.0.0.1:8081",
+        "unix:///run/",
+        "unix:///",
+        "unix:///run/\0agent.sock",
+        "unix:///" + "a" * 120,
+        7,
+        None,
+    ],
+)
+def test_bad_workload_api_addresses_are_refused(value: Any) -> None:
+    data = minimal(tls={"workload_api": value})
+    if value is None:
+        assert parse_error(data) == "tls.workload_api: required"
+    else:
+        assert parse_error(data).startswith("tls.workload_api:")
+
+
+def test_unknown_key_beside_workload_api_is_named() -> None:
+    assert parse_error(minimal(tls={"workload_api": "unix:///a.sock", "trust": "x"})).startswith(
+        "tls.trust: unknown key"
+    )
+
+
+def test_files_are_still_the_default_source() -> None:
+    assert isinstance(parse(minimal(), base_dir=BASE).tls, TLSFiles)
