@@ -49,7 +49,7 @@ def original_dst(sock: Socket) -> tuple[str, int] | None:
     local_ip = _unmapped(local[0])
     try:
         if sock.family == socket.AF_INET6 and ipaddress.ip_address(local_ip).version == 6:
-            _, port, _, packed, _ = _SOCKADDR_IN6.unpack(
+            port, _, packed, _ = _SOCKADDR_IN6.unpack(
                 sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6.size)
             )
             ip = str(ipaddress.IPv6Address(packed))
