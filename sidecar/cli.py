@@ -120,6 +120,10 @@ def _check(config_arg: str | None) -> int:
     cfg = config_mod.load(path)
     material = load_material(cfg.tls)  # the same validation `run` does, chain to the bundle included
     listeners = f"{len(cfg.inbound)} inbound, {len(cfg.outbound)} outbound listener(s)"
+    if (t := cfg.transparent) is not None:
+        routes = f"outbound {len(t.outbound.routes)} route(s)" if t.outbound else "no outbound"
+        ports = f"inbound {len(t.inbound.ports)} port(s) {t.inbound.mode}" if t.inbound else "no inbound"
+        listeners += f"; transparent (uid {t.uid}): {routes}, {ports}"
     print(f"ok: {path} presents {material.identity.summary()}; {listeners}")
     return EXIT_OK
 
