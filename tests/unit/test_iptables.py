@@ -2,7 +2,7 @@
 part back from iptables-save output, and the restore transactions between the two.
 
 That iptables accepts these transactions and prints the rules back the same way is proved against
-the real nft and legacy backends in namespaces (tests/netns/test_iptables.py)."""
+the real nft and legacy backends in namespaces (tests/netns/test_netns_iptables.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Tests for sidecar.origdst without redirection: the ClientHello test on real ClientHellos and on
 plaintext, the first-bytes buffer, and ``original_dst`` on loopback connections nothing redirected.
 
-The redirected case needs nat rules, so it is proved in namespaces (tests/netns/test_capture.py)."""
+The redirected case needs nat rules, so it is proved in namespaces (tests/netns/test_netns_capture.py)."""
 
 from __future__ import annotations
 
