@@ -52,6 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--hours", type=float, default=24.0, help="validity in hours (default 24)")
     issue.add_argument("--out", type=Path, help="output folder (default: DIR/NAME)")
 
+    iptables = sub.add_parser("iptables", help="the nat rules that capture traffic for transparent mode")
+    ipt_sub = iptables.add_subparsers(dest="iptables_command", required=True, parser_class=_Parser)
+    for name, text in (
+        ("install", "add or update the rules for the config's transparent section (idempotent)"),
+        ("remove", "delete exactly the chains and jump rules install added"),
+        ("show", "print the rules in iptables-save format; changes nothing"),
+    ):
+        cmd = ipt_sub.add_parser(name, help=text)
+        cmd.add_argument("-c", "--config", help="config file (default: $SIDECAR_CONFIG, else config/sidecar.yaml)")
+        cmd.add_argument(
+            "--backend",
+            choices=("auto", "nft", "legacy"),
+            default="auto",
+            help="iptables variant (default auto: the one already holding the rules, else the one in use)",
+        )
+
     demo = sub.add_parser("demo", help="a whole mesh on loopback: calls, a refusal, a live rotation")
     demo.add_argument("--keep", action="store_true", help="keep the demo's files for inspection")
     return p
@@ -66,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args.config)
         if args.command == "pki":
             return _pki(args)
+        if args.command == "iptables":
+            return _iptables(args)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -105,6 +123,10 @@ def _check(config_arg: str | None) -> int:
     path = config_mod.resolve_path(config_arg)
     cfg = config_mod.load(path)
     listeners = f"{len(cfg.inbound)} inbound, {len(cfg.outbound)} outbound listener(s)"
+    if (t := cfg.transparent) is not None:
+        routes = f"outbound {len(t.outbound.routes)} route(s)" if t.outbound else "no outbound"
+        ports = f"inbound {len(t.inbound.ports)} port(s) {t.inbound.mode}" if t.inbound else "no inbound"
+        listeners += f"; transparent (uid {t.uid}): {routes}, {ports}"
     if isinstance(cfg.tls, config_mod.TLSWorkloadAPI):
         from .workload_api import fetch_material
 
@@ -116,6 +138,28 @@ def _check(config_arg: str | None) -> int:
     # the same validation `run` does, chain to the bundle included
     material = load_material(read_files(cfg.tls), session_resumption=cfg.tls.session_resumption)
     print(f"ok: {path} presents {material.identity.summary()}; {listeners}")
+    return EXIT_OK
+
+
+def _iptables(args: argparse.Namespace) -> int:
+    """Config errors exit 2 (raised past here); iptables missing or refusing exits 1."""
+    from . import config as config_mod
+    from . import iptables
+
+    cfg = config_mod.load(config_mod.resolve_path(args.config))
+    try:
+        if args.iptables_command == "show":
+            sys.stdout.write(iptables.show(cfg, args.backend))
+            return EXIT_OK
+        if args.iptables_command == "install":
+            said = iptables.install(cfg, args.backend)
+        else:
+            said = iptables.remove(args.backend)
+    except iptables.IptablesError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for line in said:
+        print(line)
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, the last one a NUL
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid" to the kernel
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,90 @@ class Log:
     format: str = "json"
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A route's ``to`` or an ``exclude`` entry: a network (an IP is a /32 or /128) or a host name,
+    and one port or any port (``None``, written ``*``)."""
+
+    network: Network | None
+    host: str | None
+    port: int | None
+
+    def __str__(self) -> str:
+        where = self.host if self.host is not None else str(self.network)
+        if self.network is not None and self.network.version == 6:
+            where = f"[{where}]"
+        return f"{where}:{'*' if self.port is None else self.port}"
+
+
+@dataclass(frozen=True)
+class Route:
+    """One ``transparent.outbound.routes`` entry: where it applies and who must answer there."""
+
+    to: Destination
+    server_identity: tuple[Pattern, ...] | None  # None: hostname verification of ``server_name``
+    sni: str | None
+
+    @property
+    def server_name(self) -> str | None:
+        """The name sent as SNI and, without ``server_identity``, verified: ``sni``, else the host
+        name of ``to`` (an IP or CIDR route without either has ``server_identity``, by validation)."""
+        return self.sni if self.sni is not None else self.to.host
+
+
+class Unmatched(StrEnum):
+    """What transparent outbound does with a destination no route matches."""
+
+    PASSTHROUGH = "passthrough"  # plain TCP to the original destination
+    DENY = "deny"  # close the app's connection
+
+
+class InboundMode(StrEnum):
+    STRICT = "strict"  # mTLS only
+    PERMISSIVE = "permissive"  # a connection that does not open with a TLS ClientHello reaches the app as is
+
+
+@dataclass(frozen=True)
+class TransparentOutbound:
+    listen: Address
+    routes: tuple[Route, ...] = ()
+    unmatched: Unmatched = Unmatched.PASSTHROUGH
+    exclude: tuple[Destination, ...] = ()  # networks only (never host names); never captured
+
+
+@dataclass(frozen=True)
+class TransparentPort:
+    """One captured app port: after mTLS and ``allow``, forwarded to ``127.0.0.1:<port>``.
+
+    Caller-identity options for the app (contract section 9) join here as fields."""
+
+    port: int
+    allow: tuple[Pattern, ...]
+
+
+@dataclass(frozen=True)
+class TransparentInbound:
+    listen: Address
+    ports: tuple[TransparentPort, ...]
+    mode: InboundMode = InboundMode.STRICT
+
+    def port(self, number: int) -> TransparentPort | None:
+        """The entry for an original destination port, or None when that port is not captured."""
+        return next((p for p in self.ports if p.port == number), None)
+
+
+@dataclass(frozen=True)
+class Transparent:
+    """The ``transparent`` section (contract section 8); ``sidecar iptables`` turns it into rules."""
+
+    uid: int
+    outbound: TransparentOutbound | None = None
+    inbound: TransparentInbound | None = None
+
+
 @dataclass(frozen=True)
 class Config:
     tls: TLSSettings
@@ -146,6 +233,7 @@ class Config:
     log: Log = field(default_factory=Log)
     workers: int = 1  # processes serving the listeners; ``auto`` in YAML is the number of cores
     path: Path | None = None  # the file it was loaded from
+    transparent: Transparent | None = None
 
 
 def resolve_path(explicit: str | None) -> Path:
@@ -174,7 +262,10 @@ def load(path: Path) -> Config:
 
 def parse(data: Any, *, base_dir: Path, path: Path | None = None) -> Config:
     top = _mapping(
-        data, "", required={"tls"}, optional={"inbound", "outbound", "admin", "hbone", "limits", "log", "workers"}
+        data,
+        "",
+        required={"tls"},
+        optional={"inbound", "outbound", "admin", "hbone", "limits", "log", "workers", "transparent"},
     )
     cfg = Config(
         tls=_tls(top["tls"], "tls", base_dir),
@@ -188,10 +279,13 @@ def parse(data: Any, *, base_dir: Path, path: Path | None = None) -> Config:
         log=_log(top.get("log") or {}, "log"),
         workers=_workers(top.get("workers", 1), "workers"),
         path=path,
+        transparent=_transparent(top["transparent"], "transparent") if top.get("transparent") is not None else None,
     )
-    if not cfg.inbound and not cfg.outbound and cfg.hbone is None:
-        raise ConfigError("inbound/outbound/hbone: at least one listener is required")
+    if not cfg.inbound and not cfg.outbound and cfg.hbone is None and cfg.transparent is None:
+        raise ConfigError("inbound/outbound/hbone: at least one listener is required (or a transparent section)")
     _check_unique_names(cfg)
+    if cfg.transparent is not None:
+        _check_transparent_ports(cfg.transparent, cfg.admin)
     return cfg
 
 
@@ -323,6 +417,22 @@ def _inbound(value: Any, where: str) -> Inbound:
 def _outbound(value: Any, where: str) -> Outbound:
     m = _mapping(value, where, required={"name", "listen", "upstream"}, optional={"server_identity", "sni", "tunnel"})
     upstream = _dialable(m["upstream"], f"{where}.upstream")
+    server_identity, sni = _server_check(m, where, "upstream", named=not is_ip(upstream.host))
+    return Outbound(
+        name=_name(m["name"], f"{where}.name"),
+        listen=parse_address(m["listen"], f"{where}.listen"),
+        upstream=upstream,
+        server_identity=server_identity,
+        sni=sni,
+        tunnel=_tunnel(m["tunnel"], f"{where}.tunnel", needs_target_port=True) if m.get("tunnel") is not None else None,
+    )
+
+
+def _server_check(
+    m: Mapping[str, Any], where: str, target: str, *, named: bool
+) -> tuple[tuple[Pattern, ...] | None, str | None]:
+    """``server_identity`` and ``sni`` of an outbound listener or a transparent route. Without
+    ``server_identity`` the upstream's host name is verified, so an unnamed ``target`` needs one of them."""
     server_identity: tuple[Pattern, ...] | None = None
     if m.get("server_identity") is not None:
         items = _list(m["server_identity"], f"{where}.server_identity")
@@ -332,19 +442,12 @@ def _outbound(value: Any, where: str) -> Outbound:
     sni = m.get("sni")
     if sni is not None and (not isinstance(sni, str) or not sni.strip()):
         raise ConfigError(f"{where}.sni: expected a host name, got {sni!r}")
-    if server_identity is None and is_ip(upstream.host) and sni is None:
+    if server_identity is None and not named and sni is None:
         raise ConfigError(
-            f"{where}.server_identity: required when upstream is an IP address "
+            f"{where}.server_identity: required when {target} is an IP address "
             "(hostname verification needs a name; or set sni to the name the upstream's cert carries)"
         )
-    return Outbound(
-        name=_name(m["name"], f"{where}.name"),
-        listen=parse_address(m["listen"], f"{where}.listen"),
-        upstream=upstream,
-        server_identity=server_identity,
-        sni=sni.strip() if isinstance(sni, str) else None,
-        tunnel=_tunnel(m["tunnel"], f"{where}.tunnel", needs_target_port=True) if m.get("tunnel") is not None else None,
-    )
+    return server_identity, sni.strip() if isinstance(sni, str) else None
 
 
 def _tunnel(value: Any, where: str, *, needs_target_port: bool) -> Tunnel:
@@ -388,6 +491,147 @@ def _hbone(value: Any, where: str) -> Hbone:
         ports=tuple(parsed),
         name=_name(m.get("name", "hbone"), f"{where}.name"),
     )
+
+
+# -- transparent mode (contract section 8) ----------------------------------------------------
+
+
+def _transparent(value: Any, where: str) -> Transparent:
+    m = _mapping(value, where, required={"uid"}, optional={"outbound", "inbound"})
+    uid = m["uid"]
+    if isinstance(uid, bool) or not isinstance(uid, int) or not 1 <= uid <= MAX_UID:
+        raise ConfigError(
+            f"{where}.uid: expected the sidecar's own non-root uid (1 to {MAX_UID}), got {uid!r} "
+            "(with 0, every root process would bypass capture)"
+        )
+    out = _transparent_outbound(m["outbound"], f"{where}.outbound") if m.get("outbound") is not None else None
+    inb = _transparent_inbound(m["inbound"], f"{where}.inbound") if m.get("inbound") is not None else None
+    if out is None and inb is None:
+        raise ConfigError(f"{where}: give inbound, outbound or both")
+    return Transparent(uid=uid, outbound=out, inbound=inb)
+
+
+def _transparent_outbound(value: Any, where: str) -> TransparentOutbound:
+    m = _mapping(value, where, required={"listen"}, optional={"routes", "unmatched", "exclude"})
+    listen = _capture_listen(m["listen"], f"{where}.listen", ("127.0.0.1", "0.0.0.0", "::1", "::"))
+    routes = tuple(_route(v, f"{where}.routes[{i}]") for i, v in enumerate(_list(m.get("routes"), f"{where}.routes")))
+    exclude = tuple(
+        parse_destination(v, f"{where}.exclude[{i}]", names=False, port_required=False)
+        for i, v in enumerate(_list(m.get("exclude"), f"{where}.exclude"))
+    )
+    unmatched = _choice(m.get("unmatched", "passthrough"), f"{where}.unmatched", tuple(Unmatched))
+    return TransparentOutbound(listen=listen, routes=routes, unmatched=Unmatched(unmatched), exclude=exclude)
+
+
+def _route(value: Any, where: str) -> Route:
+    m = _mapping(value, where, required={"to"}, optional={"server_identity", "sni"})
+    to = parse_destination(m["to"], f"{where}.to", names=True, port_required=True)
+    server_identity, sni = _server_check(m, where, "to", named=to.host is not None)
+    return Route(to=to, server_identity=server_identity, sni=sni)
+
+
+# The keys of one ``transparent.inbound.ports`` entry; section 9's options for the app join here.
+_PORT_KEYS = frozenset({"port", "allow"})
+
+
+def _transparent_inbound(value: Any, where: str) -> TransparentInbound:
+    m = _mapping(value, where, required={"listen", "ports"}, optional={"mode"})
+    listen = _capture_listen(m["listen"], f"{where}.listen", ("0.0.0.0", "::"))
+    items = _list(m["ports"], f"{where}.ports")
+    if not items:
+        raise ConfigError(f"{where}.ports: must list at least one app port to capture")
+    ports: list[TransparentPort] = []
+    for i, item in enumerate(items):
+        pw = f"{where}.ports[{i}]"
+        pm = _mapping(item, pw, required=_PORT_KEYS)
+        number = _port(pm["port"], f"{pw}.port")
+        if any(p.port == number for p in ports):
+            raise ConfigError(f"{pw}.port: {number} is listed twice")
+        allow = _list(pm["allow"], f"{pw}.allow")
+        if not allow:
+            raise ConfigError(f'{pw}.allow: must list at least one identity (write "*" to allow any verified peer)')
+        ports.append(TransparentPort(number, tuple(_pattern(p, f"{pw}.allow[{j}]") for j, p in enumerate(allow))))
+    mode = _choice(m.get("mode", "strict"), f"{where}.mode", tuple(InboundMode))
+    return TransparentInbound(listen=listen, ports=tuple(ports), mode=InboundMode(mode))
+
+
+def _capture_listen(value: Any, where: str, hosts: tuple[str, ...]) -> Address:
+    """A capture port: fixed (the nat rules name it) and bound where REDIRECT delivers: loopback for
+    the app's outgoing connections, the wildcard for incoming ones (the receiving interface's address)."""
+    addr = parse_address(value, where)
+    if addr.port == 0:
+        raise ConfigError(f"{where}: the capture port must be fixed (the nat rules redirect to it), not 0")
+    if addr.host not in hosts:
+        shown = ", ".join(str(Address(h, addr.port)) for h in hosts)
+        raise ConfigError(f"{where}: REDIRECT delivers captured connections to {shown}; got {addr.host!r}")
+    return addr
+
+
+def _check_transparent_ports(t: Transparent, admin: Admin | None) -> None:
+    """The capture ports, the admin port and the captured app ports are all different ports."""
+    taken: dict[int, str] = {}
+    if admin is not None and admin.listen.port:
+        taken[admin.listen.port] = "admin.listen"
+    for where, listen in (("transparent.outbound.listen", t.outbound), ("transparent.inbound.listen", t.inbound)):
+        if listen is None:
+            continue
+        port = listen.listen.port
+        if port in taken:
+            raise ConfigError(f"{where}: port {port} is already {taken[port]}'s")
+        taken[port] = where
+    for i, p in enumerate(t.inbound.ports if t.inbound is not None else ()):
+        if p.port in taken:
+            raise ConfigError(f"transparent.inbound.ports[{i}].port: {p.port} is {taken[p.port]}'s port")
+
+
+def parse_destination(value: Any, where: str, *, names: bool, port_required: bool) -> Destination:
+    """A route's ``to`` (``names``: a host name may stand for the address; ``port_required``) or an
+    ``exclude`` entry: ``10.0.0.0/8:8080``, ``10.1.2.3:*``, ``orders.mesh.local:8080``,
+    ``[fd00::/64]:*``; without a port (where allowed) any port, and a bare IPv6 CIDR is accepted."""
+    forms = '"ip:port", "cidr:port", ' + ('"name:port", ' if names else "") + '"[ipv6]:port" or ":*" for any port'
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: expected {forms}, got {value!r}")
+    text = value.strip()
+    port_text: str | None = None
+    if text.startswith("["):
+        body, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{where}: expected {forms}, got {value!r}")
+        if rest:
+            port_text = rest[1:]
+        if ":" not in body:
+            raise ConfigError(f"{where}: brackets are for IPv6 only, got {value!r}")
+    elif text.count(":") > 1:  # a bare IPv6 address or CIDR: only where the port is optional
+        body = text
+        if port_required:
+            raise ConfigError(f'{where}: write IPv6 in brackets with a port, like "[{text}]:8080" or "[{text}]:*"')
+    else:
+        body, sep, port_text_or_empty = text.partition(":")
+        port_text = port_text_or_empty if sep else None
+    if port_text is None and port_required:
+        raise ConfigError(f'{where}: add the port, or ":*" for any port: {value!r}')
+    port = None if port_text in (None, "*") else _port(int(port_text) if port_text.isdigit() else port_text, where)
+    if "/" in body or is_ip(body) or body.replace(".", "").isdigit():
+        return Destination(network=_network(body, where, bracketed=text.startswith("[")), host=None, port=port)
+    if not names:
+        raise ConfigError(f"{where}: expected an IP address or CIDR, got {body!r} (host names are not allowed here)")
+    host = body.lower().rstrip(".")
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
+        raise ConfigError(f"{where}: {body!r} is neither an IP address, a CIDR nor a host name")
+    return Destination(network=None, host=host, port=port)
+
+
+def _network(text: str, where: str, *, bracketed: bool) -> Network:
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "has host bits set" in str(exc):
+            loose = ipaddress.ip_network(text, strict=False)
+            raise ConfigError(f"{where}: {text} has host bits set; did you mean {loose}?") from None
+        raise ConfigError(f"{where}: {text!r} is not an IP address or CIDR") from None
+    if bracketed and net.version != 6:
+        raise ConfigError(f"{where}: brackets are for IPv6 only, got {text!r}")
+    return net
 
 
 def _admin(value: Any, where: str) -> Admin:
@@ -479,7 +723,9 @@ def _whole(value: Any, where: str, low: int, high: int) -> int:
 
 
 def _port(value: Any, where: str) -> int:
-    return _whole(value, where, 1, 65535)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise ConfigError(f"{where}: expected a port from 1 to 65535, got {value!r}")
+    return value
 
 
 def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:

@@ -181,6 +181,21 @@ def test_check_good_config_prints_the_identity(tmp_path: Path, ca: CertFactory, 
     assert len(result.stdout.strip().splitlines()) == 1
 
 
+def test_check_summarises_a_transparent_only_config(tmp_path: Path, ca: CertFactory, server_leaf: CertFiles) -> None:
+    data = {
+        "tls": tls_section(server_leaf, ca.ca_file),
+        "transparent": {
+            "uid": 10001,
+            "inbound": {"listen": "0.0.0.0:15006", "ports": [{"port": 8080, "allow": ["*"]}], "mode": "permissive"},
+        },
+    }
+    result = sidecar("check", "-c", str(write_config(tmp_path / "t.yaml", data)))
+    assert result.returncode == 0, result.stderr
+    assert "0 inbound, 0 outbound listener(s); transparent (uid 10001): no outbound, inbound 1 port(s) permissive" in (
+        result.stdout
+    )
+
+
 def test_check_config_from_environment(
     tmp_path: Path, ca: CertFactory, server_leaf: CertFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
