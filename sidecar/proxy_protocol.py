@@ -113,9 +113,10 @@ def build_header(mode: Mode, facts: Facts) -> bytes:
 
 def _addresses(source: tuple[str, int], destination: tuple[str, int]) -> tuple[int, bytes]:
     src, dst = _ip(source[0]), _ip(destination[0])
-    if isinstance(src, ipaddress.IPv6Address) and isinstance(dst, ipaddress.IPv6Address):
-        if src.ipv4_mapped is not None and dst.ipv4_mapped is not None:
-            src, dst = src.ipv4_mapped, dst.ipv4_mapped
+    src_v4 = src.ipv4_mapped if isinstance(src, ipaddress.IPv6Address) else None
+    dst_v4 = dst.ipv4_mapped if isinstance(dst, ipaddress.IPv6Address) else None
+    if src_v4 is not None and dst_v4 is not None:
+        src, dst = src_v4, dst_v4
     if isinstance(src, ipaddress.IPv4Address) and isinstance(dst, ipaddress.IPv4Address):
         return TCP_OVER_IPV4, struct.pack("!4s4sHH", src.packed, dst.packed, source[1], destination[1])
     six = [a if isinstance(a, ipaddress.IPv6Address) else ipaddress.IPv6Address(f"::ffff:{a}") for a in (src, dst)]

@@ -120,7 +120,9 @@ def test_tls_mode_bytes() -> None:
     header = build_header(Mode.TLS, facts())
     sni = b"orders.mesh.local"
     ssl_value = b"\x01" + b"\x00\x00\x00\x00" + b"\x21\x00\x07TLSv1.3"
-    expected_tlvs = b"\x02" + struct.pack("!H", len(sni)) + sni + b"\x20" + struct.pack("!H", len(ssl_value)) + ssl_value
+    expected_tlvs = (
+        b"\x02" + struct.pack("!H", len(sni)) + sni + b"\x20" + struct.pack("!H", len(ssl_value)) + ssl_value
+    )
     assert tlv_region(header) == expected_tlvs
 
 
