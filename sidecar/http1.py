@@ -54,9 +54,13 @@ MAX_CHUNK_SIZE = 2**63 - 1
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]++"
 _FIELD_LINE = _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*+"  # name, colon, value with its OWS: no CTL, no CR/LF
-_HEAD = re.compile(rb"(" + _TOKEN + rb") [\x21-\x7e]++ HTTP/1\.([01])(?:\r\n" + _FIELD_LINE + rb")*+")
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") [\x21-\x7e]++ HTTP/1\.[01]")
-_REQUEST_SHAPE = re.compile(_TOKEN + rb" [\x21-\x7e]++ (HTTP/[0-9.]*+)")  # only to name a refusal
+# request-target (RFC 9112 3.2), visible ASCII only: origin-form "/...", absolute-form
+# "scheme://...", asterisk-form "*", and authority-form "host:port", which only CONNECT may use.
+_TARGET = rb"(/[\x21-\x7e]*+|\*|[A-Za-z][A-Za-z0-9+.-]*+://[\x21-\x7e]++|[\x21-\x2e\x30-\x7e]++)"
+_AUTHORITY = re.compile(rb"(?:[A-Za-z0-9._~!$&'()*+,;=%-]++|\[[0-9A-Fa-f:.]++\]):[0-9]{1,5}")
+_HEAD = re.compile(rb"(" + _TOKEN + rb") " + _TARGET + rb" HTTP/1\.([01])(?:\r\n" + _FIELD_LINE + rb")*+")
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") " + _TARGET + rb" HTTP/1\.[01]")
+_REQUEST_SHAPE = re.compile(_TOKEN + rb" [^ ]++ (HTTP/[0-9.]*+)")  # only to name a refusal
 _FIELD = re.compile(_FIELD_LINE)
 _TRAILERS = re.compile(rb"(?:\r\n" + _FIELD_LINE + rb")*+")
 _QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*+"'
@@ -511,7 +515,10 @@ class XfccRewriter(_Framer):
         fields = head.count(b"\r\n")
         if fields > MAX_FIELDS:
             raise _Malformed("too_many_fields", f"more than {MAX_FIELDS} header fields", 431)
-        method, http10 = m.group(1), m.group(2) == b"0"
+        method, target, http10 = m.group(1), m.group(2), m.group(3) == b"0"
+        connect = method == b"CONNECT"
+        if not (_AUTHORITY.fullmatch(target) if connect else target[:1] == b"/" or target == b"*" or b"://" in target):
+            raise _Malformed("bad_request_line", "host:port is the target of CONNECT and of nothing else")
         length: int | None = None
         chunked = upgrade = False
         drop: list[tuple[int, int]] = []
@@ -550,7 +557,6 @@ class XfccRewriter(_Framer):
             raise _Malformed("ambiguous_length", "Transfer-Encoding with Content-Length")
         if chunked and http10:
             raise _Malformed("bad_transfer_encoding", "Transfer-Encoding in an HTTP/1.0 request")
-        connect = method == b"CONNECT"
         if connect and (chunked or length is not None):
             raise _Malformed("connect_with_body", "CONNECT with Content-Length or Transfer-Encoding")
         tunnel = connect or upgrade
@@ -706,10 +712,10 @@ def _diagnose(head: bytes) -> _Malformed:
         return bad
     lines = head.split(b"\r\n")
     shape = _REQUEST_SHAPE.fullmatch(lines[0])
-    if shape is None:
-        return _Malformed("bad_request_line", "malformed request line")
-    if shape.group(1) not in (b"HTTP/1.0", b"HTTP/1.1"):
+    if shape is not None and shape.group(1) not in (b"HTTP/1.0", b"HTTP/1.1"):
         return _Malformed("bad_version", "not HTTP/1.0 or HTTP/1.1")
+    if _REQUEST_LINE.fullmatch(lines[0]) is None:
+        return _Malformed("bad_request_line", "malformed request line")
     for line in lines[1:]:
         if _FIELD.fullmatch(line) is not None:
             continue

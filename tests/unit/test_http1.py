@@ -124,6 +124,24 @@ def test_header_is_added_after_the_callers_last_field() -> None:
     assert run(GET) == b"GET /orders/42 HTTP/1.1\r\nHost: orders.mesh.local\r\nAccept: */*\r\n" + LINE + b"\r\n\r\n"
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET /a/b?c=d&e=%20f#x HTTP/1.1",
+        b"OPTIONS * HTTP/1.1",
+        b"GET http://orders.mesh.local:8080/a HTTP/1.1",
+        b"CONNECT orders.mesh.local:443 HTTP/1.1",
+        b"CONNECT [fd00::1]:5432 HTTP/1.1",
+        b"GET * HTTP/1.1",
+        b'GET /a|b{c}"d<e>^`\\ HTTP/1.1',
+        b"PROPFIND /dav HTTP/1.1",
+        b"get / HTTP/1.1",
+    ],
+)
+def test_request_target_forms(line: bytes) -> None:
+    assert run(line + b"\r\n\r\n").startswith(line + b"\r\n")
+
+
 def test_request_without_fields() -> None:
     assert run(b"GET / HTTP/1.0\r\n\r\n") == b"GET / HTTP/1.0\r\n" + LINE + b"\r\n\r\n"
 
@@ -452,6 +470,15 @@ def test_connect_with_a_body_is_refused() -> None:
         (b" GET / HTTP/1.1\r\n\r\n", "bad_request_line"),
         (b"GET /a b HTTP/1.1\r\n\r\n", "bad_request_line"),
         (b"G(T / HTTP/1.1\r\n\r\n", "bad_request_line"),
+        (b"GET 7ws HTTP/1.1\r\n\r\n", "bad_request_line"),
+        (b"GET ** HTTP/1.1\r\n\r\n", "bad_request_line"),
+        (b"GET :x HTTP/1.1\r\n\r\n", "bad_request_line"),
+        (b"GET a.b:443 HTTP/1.1\r\n\r\n", "bad_request_line"),  # authority-form is for CONNECT
+        (b"GET e:5432 HTTP/1.1\r\n\r\n", "bad_request_line"),
+        (b"CONNECT /x HTTP/1.1\r\n\r\n", "bad_request_line"),
+        (b"CONNECT a.b HTTP/1.1\r\n\r\n", "bad_request_line"),
+        (b"CONNECT http://a:1/ HTTP/1.1\r\n\r\n", "bad_request_line"),
+        (b"GET /\x7f HTTP/1.1\r\n\r\n", "bad_bytes"),
         ("GET /ü HTTP/1.1\r\n\r\n".encode(), "bad_request_line"),
         (b"GET / HTTP/1.1\n\n", "bad_line_ending"),
         (b"GET / HTTP/1.1\r\nHost: a\n\r\n", "bad_line_ending"),
