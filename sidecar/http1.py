@@ -41,9 +41,8 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import IntEnum, auto
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from .errors import HTTPRefusal
 
@@ -161,8 +160,8 @@ class _Framer:
             while True:
                 state = self.state
                 new = handlers[state](self, buf, pos)
-                if new == pos and self.state is state:
-                    return buf, pos
+                if (new == pos and self.state is state) or new == len(buf):  # every state needs a byte to move
+                    return buf, new
                 pos = new
         except _Malformed as bad:
             bad.buf, bad.pos = buf, pos
@@ -177,8 +176,7 @@ class _Framer:
     def _find(self, buf: Buffer, pos: int, delim: bytes, limit: int, what: str, status: int) -> int:
         """Where ``delim`` starts after ``pos``, or -1 when it has not arrived yet. The element is
         refused when it outgrows ``limit`` or holds a byte no HTTP/1 line may hold."""
-        start = pos + self._scanned - len(delim) + 1 if self._scanned >= len(delim) else pos
-        end = buf.find(delim, start)
+        end = buf.find(delim, pos + self._scanned - len(delim) + 1 if self._scanned >= len(delim) else pos)
         if end >= 0:
             if end + len(delim) - pos > limit:
                 raise _Malformed(f"{what}_too_large", f"{what} longer than {limit} bytes", status)
@@ -209,6 +207,9 @@ class _Framer:
         size = int(m.group(1), 16)
         if size > MAX_CHUNK_SIZE:
             raise _Malformed("bad_chunk", "chunk size past 2**63-1")
+        data_end = end + 2 + size
+        if size and buf[data_end : data_end + 2] == b"\r\n":
+            return data_end + 2  # the whole chunk is in this read: no need to walk it in steps
         if size:
             self._left = size
             self._goto(State.CHUNK_DATA)
@@ -239,8 +240,7 @@ class _Framer:
 # -- the app's responses ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Asked:
+class _Asked(NamedTuple):
     """What the response side must know of one forwarded request."""
 
     head: bool  # HEAD: its response has no body
@@ -320,7 +320,9 @@ class _Responses(_Framer):
             self._goto(State.CHUNK_SIZE)
         elif until_close or length is None:
             self._goto(State.UNTIL_CLOSE)
-        elif length:
+        elif length <= len(buf) - end - 4:
+            return end + 4 + length  # the whole body is in this read (and no body: length 0)
+        else:
             self._in_body = True
             self._left = length
             self._goto(State.BODY)
@@ -571,10 +573,13 @@ class XfccRewriter(_Framer):
         self._line_checked = False
         self._blank = 0
         self._tunnel, self._answer = tunnel, None
-        self._responses.asked.append(_Asked(head=method == b"HEAD", connect=connect, tunnel=tunnel))
+        self._responses.asked.append(_Asked(method == b"HEAD", connect, tunnel))
         if chunked:
             self._in_message = True
             self._goto(State.CHUNK_SIZE)
+        elif length and length <= len(buf) - end - 4:
+            self._message_done()  # the whole body is in this read: it passes with the run
+            return end + 4 + length
         elif length:
             self._in_message = True
             self._left = length
