@@ -48,6 +48,7 @@ from .errors import HTTPRefusal
 
 MAX_HEAD = 64 * 1024
 MAX_FIELDS = 500
+MAX_PIPELINED = 1000  # requests forwarded and not yet answered; past it the next one waits
 MAX_CHUNK_LINE = 4096
 MAX_CHUNK_SIZE = 2**63 - 1
 
@@ -110,22 +111,29 @@ class State(IntEnum):  # IntEnum: hashed in C, these are dict keys on every step
     LOST = auto()  # response side: cannot frame the app's responses any more
 
 
-_ALL = frozenset(State)
-_NEXT: dict[State, frozenset[State]] = {
-    State.HEAD: frozenset({State.HEAD, State.BODY, State.CHUNK_SIZE, State.HOLD, State.UNTIL_CLOSE, State.RAW}),
-    State.BODY: frozenset({State.HEAD, State.HOLD, State.RAW}),
-    State.CHUNK_SIZE: frozenset({State.CHUNK_DATA, State.TRAILERS}),
-    State.CHUNK_DATA: frozenset({State.CHUNK_END}),
-    State.CHUNK_END: frozenset({State.CHUNK_SIZE}),
-    State.TRAILERS: frozenset({State.HEAD, State.HOLD, State.RAW}),
-    State.HOLD: frozenset({State.HEAD, State.RAW}),
-    State.UNTIL_CLOSE: frozenset(),
-    State.RAW: frozenset(),
-    State.LOST: frozenset(),
+_S = State
+# Where each side may go from each state; a step outside these tables is a bug (RuntimeError).
+_REQUEST_NEXT: dict[State, frozenset[State]] = {
+    _S.HEAD: frozenset({_S.BODY, _S.CHUNK_SIZE, _S.HOLD}),
+    _S.BODY: frozenset({_S.HEAD, _S.HOLD, _S.RAW}),
+    _S.CHUNK_SIZE: frozenset({_S.CHUNK_DATA, _S.TRAILERS}),
+    _S.CHUNK_DATA: frozenset({_S.CHUNK_END}),
+    _S.CHUNK_END: frozenset({_S.CHUNK_SIZE}),
+    _S.TRAILERS: frozenset({_S.HEAD, _S.HOLD, _S.RAW}),
+    _S.HOLD: frozenset({_S.HEAD, _S.RAW}),
+    _S.RAW: frozenset(),
 }
-for _from in _NEXT:
-    if _from is not State.LOST:
-        _NEXT[_from] |= {State.LOST}  # the response side may lose track from anywhere
+_RESPONSE_NEXT: dict[State, frozenset[State]] = {
+    _S.HEAD: frozenset({_S.BODY, _S.CHUNK_SIZE, _S.UNTIL_CLOSE, _S.RAW, _S.LOST}),
+    _S.BODY: frozenset({_S.HEAD, _S.LOST}),
+    _S.CHUNK_SIZE: frozenset({_S.CHUNK_DATA, _S.TRAILERS, _S.LOST}),
+    _S.CHUNK_DATA: frozenset({_S.CHUNK_END, _S.LOST}),
+    _S.CHUNK_END: frozenset({_S.CHUNK_SIZE, _S.LOST}),
+    _S.TRAILERS: frozenset({_S.HEAD, _S.LOST}),
+    _S.UNTIL_CLOSE: frozenset(),
+    _S.RAW: frozenset(),
+    _S.LOST: frozenset(),
+}
 
 
 class _Framer:
@@ -133,6 +141,7 @@ class _Framer:
     state, and the body walkers (Content-Length, chunked) that count bytes without copying them."""
 
     _HANDLERS: ClassVar[dict[State, _Handler]]
+    _NEXT: ClassVar[dict[State, frozenset[State]]]
 
     def __init__(self) -> None:
         self.state = State.HEAD
@@ -141,7 +150,7 @@ class _Framer:
         self._left = 0  # BODY / CHUNK_DATA: bytes still to pass
 
     def _goto(self, state: State) -> None:
-        if state not in _NEXT[self.state]:
+        if state not in self._NEXT[self.state]:
             raise RuntimeError(f"http1: no transition {self.state.name} -> {state.name}")
         self.state = state
         self._scanned = 0
@@ -233,8 +242,36 @@ class _Framer:
             return pos
         raise _Malformed("bad_chunk", "chunk data not followed by CRLF")
 
+    def _trailers(self, buf: Buffer, pos: int) -> int:
+        if buf[pos : pos + 2] == b"\r\n":
+            self._message_done()
+            return pos + 2
+        if len(buf) - pos < 2:
+            return pos
+        end = self._find(buf, pos, b"\r\n\r\n", MAX_HEAD, "trailers", 431)
+        if end < 0:
+            return pos
+        self._trailer_fields(buf, pos, end)
+        self._message_done()
+        return end + 4
+
+    def _trailer_fields(self, buf: Buffer, pos: int, end: int) -> None:
+        """The trailer section ``buf[pos:end]`` (without its final CRLF CRLF) is complete."""
+
     def _message_done(self) -> None:
         raise NotImplementedError
+
+    def _rest(self, buf: Buffer, pos: int) -> int:
+        return len(buf)  # no more framing: every byte is taken as it comes
+
+    _BODY_HANDLERS: ClassVar[dict[State, _Handler]] = {
+        State.BODY: _body,
+        State.CHUNK_SIZE: _chunk_size,
+        State.CHUNK_DATA: _chunk_data,
+        State.CHUNK_END: _chunk_end,
+        State.TRAILERS: _trailers,
+        State.RAW: _rest,
+    }
 
 
 # -- the app's responses ---------------------------------------------------------------------------
@@ -296,10 +333,9 @@ class _Responses(_Framer):
         switched = (status == 101) or (asked.connect and 200 <= status < 300)
         if switched:
             self._goto(State.RAW)
-            self._rewriter._answered(switched=True, expected=asked.tunnel)
+            self._rewriter._answered(switched=True, tunnel=asked.tunnel)
             return end + 4
-        if asked.tunnel:
-            self._rewriter._answered(switched=False, expected=True)
+        self._rewriter._answered(switched=False, tunnel=asked.tunnel)
         length: int | None = None
         chunked = until_close = False
         low = head.lower()
@@ -328,37 +364,18 @@ class _Responses(_Framer):
             self._goto(State.BODY)
         return end + 4
 
-    def _trailers(self, buf: Buffer, pos: int) -> int:
-        if buf[pos : pos + 2] == b"\r\n":
-            self._message_done()
-            return pos + 2
-        if len(buf) - pos < 2:
-            return pos
-        end = self._find(buf, pos, b"\r\n\r\n", MAX_HEAD, "response_trailers", 400)
-        if end < 0:
-            return pos
-        self._message_done()
-        return end + 4
-
     def _message_done(self) -> None:
         self._in_body = False
         if self.state is not State.HEAD:
             self._goto(State.HEAD)
 
-    def _still(self, buf: Buffer, pos: int) -> int:
-        return len(buf)
-
     _HANDLERS: ClassVar[dict[State, _Handler]] = {
+        **_Framer._BODY_HANDLERS,
         State.HEAD: _head,
-        State.BODY: _Framer._body,
-        State.CHUNK_SIZE: _Framer._chunk_size,
-        State.CHUNK_DATA: _Framer._chunk_data,
-        State.CHUNK_END: _Framer._chunk_end,
-        State.TRAILERS: _trailers,
-        State.RAW: _still,
-        State.UNTIL_CLOSE: _still,
-        State.LOST: _still,
+        State.UNTIL_CLOSE: _Framer._rest,
+        State.LOST: _Framer._rest,
     }
+    _NEXT = _RESPONSE_NEXT
 
 
 # -- the caller's requests -------------------------------------------------------------------------
@@ -395,6 +412,12 @@ class XfccRewriter(_Framer):
     def holding(self) -> bool:
         """Caller bytes are held until the app answers an upgrade: pause reading the caller."""
         return self.state is State.HOLD
+
+    @property
+    def raw(self) -> bool:
+        """The app switched protocols: both directions are plain bytes from now on, and the relay
+        may stop calling ``feed`` and ``feed_response`` (they would return their input / nothing)."""
+        return self.state is State.RAW
 
     @property
     def finished(self) -> bool:
@@ -492,6 +515,9 @@ class XfccRewriter(_Framer):
     def _head(self, buf: Buffer, pos: int) -> int:
         if pos == len(buf):
             return pos
+        if len(self._responses.asked) >= MAX_PIPELINED:
+            self._goto(State.HOLD)  # so many requests unanswered: the next waits for an answer
+            return pos
         if buf[pos : pos + 2] == b"\r\n":  # empty lines before a request are ignored (RFC 9112 2.2)
             self._pass(buf, pos)
             self._blank += 2
@@ -588,15 +614,7 @@ class XfccRewriter(_Framer):
             self._message_done()
         return end + 4
 
-    def _trailers(self, buf: Buffer, pos: int) -> int:
-        if buf[pos : pos + 2] == b"\r\n":
-            self._message_done()
-            return pos + 2
-        if len(buf) - pos < 2:
-            return pos
-        end = self._find(buf, pos, b"\r\n\r\n", MAX_HEAD, "trailers", 431)
-        if end < 0:
-            return pos
+    def _trailer_fields(self, buf: Buffer, pos: int, end: int) -> None:
         block = b"\r\n" + bytes(buf[pos:end])
         if _TRAILERS.fullmatch(block) is None:
             raise _Malformed("bad_trailer", "malformed trailer field")
@@ -616,8 +634,6 @@ class XfccRewriter(_Framer):
             rest = _without(block, drop)[2:]
             self._out.append(rest + b"\r\n\r\n" if rest else b"\r\n")
             self._run_from = end + 4
-        self._message_done()
-        return end + 4
 
     def _message_done(self) -> None:
         self._in_message = False
@@ -634,29 +650,22 @@ class XfccRewriter(_Framer):
     def _hold(self, buf: Buffer, pos: int) -> int:
         return pos  # bytes stay in the buffer until the app answers (feed_response)
 
-    def _raw(self, buf: Buffer, pos: int) -> int:
-        return len(buf)
-
-    _HANDLERS: ClassVar[dict[State, _Handler]] = {
-        State.HEAD: _head,
-        State.BODY: _Framer._body,
-        State.CHUNK_SIZE: _Framer._chunk_size,
-        State.CHUNK_DATA: _Framer._chunk_data,
-        State.CHUNK_END: _Framer._chunk_end,
-        State.TRAILERS: _trailers,
-        State.HOLD: _hold,
-        State.RAW: _raw,
-    }
+    _HANDLERS: ClassVar[dict[State, _Handler]] = {**_Framer._BODY_HANDLERS, State.HEAD: _head, State.HOLD: _hold}
+    _NEXT = _REQUEST_NEXT
 
     # -- told by the response side ------------------------------------------------------------------
 
-    def _answered(self, *, switched: bool, expected: bool) -> None:
+    def _answered(self, *, switched: bool, tunnel: bool) -> None:
+        """The app gave the final answer to a request (``tunnel``: one that asked to switch)."""
         if self._refusal is not None:
             return
-        if switched and not expected:
+        if switched and not tunnel:
             self._fail(_Malformed("unexpected_switch", "the app switched protocols on a request that did not ask"))
             return
-        self._answer = switched
+        if tunnel:
+            self._answer = switched
+        elif self._tunnel or self.state is not State.HOLD:
+            return  # an earlier request's answer; nothing waits on it
         if self.state is not State.HOLD:
             return  # the request's own body is still streaming; _message_done reads the answer
         self._tunnel = False
@@ -673,8 +682,8 @@ class XfccRewriter(_Framer):
             self._finish()
 
     def _responses_lost(self, why: str) -> None:
-        if self.state is State.HOLD and self._refusal is None:
-            self._fail(_Malformed("responses_untracked", why))
+        if self._refusal is None and (self.state is State.HOLD or self._tunnel):
+            self._fail(_Malformed("responses_untracked", why))  # an upgrade whose answer cannot be known
 
 
 def _without(block: bytes, spans: list[tuple[int, int]]) -> bytes:

@@ -111,19 +111,17 @@ def full_facts(source: tuple[str, int], destination: tuple[str, int], sni: str |
 
 
 @pytest.mark.parametrize("mode", list(Mode))
-def test_haproxy_reads_every_mode_over_ipv4(haproxy: int, mode: Mode) -> None:
-    header = build_header(mode, full_facts(("192.0.2.10", 40001), ("198.51.100.7", 8443), "orders.mesh.local"))
-    body = ask(haproxy, header)
+@pytest.mark.parametrize(
+    ("source", "destination"),
+    [(("192.0.2.10", 40001), ("198.51.100.7", 8443)), (("2001:db8::10", 1), ("2001:db8::7", 65535))],
+    ids=["ipv4", "ipv6"],
+)
+def test_haproxy_reads_every_mode(
+    haproxy: int, mode: Mode, source: tuple[str, int], destination: tuple[str, int]
+) -> None:
+    body = ask(haproxy, build_header(mode, full_facts(source, destination, "orders.mesh.local")))
     authority = "orders.mesh.local" if mode is not Mode.CONN else ""
-    assert body == f"1|192.0.2.10|40001|198.51.100.7|8443|{authority}".encode()
-
-
-@pytest.mark.parametrize("mode", list(Mode))
-def test_haproxy_reads_every_mode_over_ipv6(haproxy: int, mode: Mode) -> None:
-    header = build_header(mode, full_facts(("2001:db8::10", 1), ("2001:db8::7", 65535), "orders.mesh.local"))
-    body = ask(haproxy, header)
-    authority = "orders.mesh.local" if mode is not Mode.CONN else ""
-    assert body == f"1|2001:db8::10|1|2001:db8::7|65535|{authority}".encode()
+    assert body == f"1|{source[0]}|{source[1]}|{destination[0]}|{destination[1]}|{authority}".encode()
 
 
 def test_haproxy_reads_tls_full_without_sni(haproxy: int) -> None:
