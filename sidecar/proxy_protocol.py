@@ -35,7 +35,7 @@ PP2_TYPE_AUTHORITY = 0x02
 PP2_TYPE_SSL = 0x20
 PP2_SUBTYPE_SSL_VERSION = 0x21
 PP2_SUBTYPE_SSL_CN = 0x22
-PP2_SUBTYPE_SSL_CLIENT_CERT = 0x28  # ghostunnel's sub-TLV, in HAProxy's list since 3.x
+PP2_SUBTYPE_SSL_CLIENT_CERT = 0x28  # the client certificate, DER, as ghostunnel's tls-full sends it
 PP2_TYPE_SPIFFE_ID = 0xE0  # first of the PP2_TYPE_MIN_CUSTOM range: the peer's SPIFFE ID
 
 PP2_CLIENT_SSL = 0x01
