@@ -21,6 +21,7 @@ import yaml
 
 from .errors import ConfigError
 from .identity import Pattern, parse_pattern
+from .proxy_protocol import Mode as ProxyProtocolMode
 
 DEFAULT_CONFIG = Path("config/sidecar.yaml")
 MAX_WORKERS = 64
@@ -78,6 +79,8 @@ class Inbound:
     listen: Address
     forward: Address
     allow: tuple[Pattern, ...]
+    proxy_protocol: ProxyProtocolMode | None = None  # contract section 9: a PROXY v2 header first
+    client_cert_header: str | None = None  # "xfcc": each HTTP/1.x request gets x-forwarded-client-cert
 
 
 @dataclass(frozen=True)
@@ -402,7 +405,9 @@ def parse_unix_address(value: Any, where: str) -> Path:
 
 
 def _inbound(value: Any, where: str) -> Inbound:
-    m = _mapping(value, where, required={"name", "listen", "forward", "allow"})
+    m = _mapping(
+        value, where, required={"name", "listen", "forward", "allow"}, optional={"proxy_protocol", "client_cert_header"}
+    )
     allow = _list(m["allow"], f"{where}.allow")
     if not allow:
         raise ConfigError(f'{where}.allow: must list at least one identity (write "*" to allow any verified peer)')
@@ -411,7 +416,19 @@ def _inbound(value: Any, where: str) -> Inbound:
         listen=parse_address(m["listen"], f"{where}.listen"),
         forward=_dialable(m["forward"], f"{where}.forward"),
         allow=tuple(_pattern(p, f"{where}.allow[{i}]") for i, p in enumerate(allow)),
+        **_caller_identity(m, where),
     )
+
+
+def _caller_identity(m: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``proxy_protocol`` and ``client_cert_header`` (contract section 9), for any inbound place."""
+    out: dict[str, Any] = {}
+    if m.get("proxy_protocol") is not None:
+        modes = tuple(mode.value for mode in ProxyProtocolMode)
+        out["proxy_protocol"] = ProxyProtocolMode(_choice(m["proxy_protocol"], f"{where}.proxy_protocol", modes))
+    if m.get("client_cert_header") is not None:
+        out["client_cert_header"] = _choice(m["client_cert_header"], f"{where}.client_cert_header", ("xfcc",))
+    return out
 
 
 def _outbound(value: Any, where: str) -> Outbound:

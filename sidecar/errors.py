@@ -3,8 +3,9 @@
 ``SidecarError``: a problem the user can fix (bad config, bad files); the CLI maps those to exit
 code 2 with the message alone, except ``WorkloadAPIUnavailable`` (exit 1: the config is fine, the
 agent is not there). ``PeerError``: something the far end of one connection did, or its socket
-suffered; it ends that connection, is counted and logged, and is never fatal to the process.
-Anything else is a bug and keeps its traceback.
+suffered; ``Refusal``: what one connection carries cannot be forwarded safely. Either ends that
+connection, is counted and logged, and is never fatal to the process. Anything else is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -49,3 +50,34 @@ class PeerError(Exception):
 
 class TLSFailure(PeerError):
     """OpenSSL refused what the peer sent (or what it sent in answer to us)."""
+
+
+class Refusal(Exception):
+    """One connection must be refused: what the caller sent, or what the app would have to be told
+    about it, cannot be forwarded safely. Not a process error: the relay closes that connection,
+    counts it and logs ``reason`` (a short snake_case label), and everyone else is served."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class ProxyHeaderError(Refusal):
+    """The PROXY protocol v2 header cannot carry this connection's facts (a field past 65535 bytes)."""
+
+
+class HTTPRefusal(Refusal):
+    """An HTTP/1.x request on a ``client_cert_header`` path must not reach the app.
+
+    ``status`` is what the caller is told (400, or 431 for a head past the size limit);
+    ``forward`` holds the bytes of earlier, valid requests in the same read, which the app must
+    still get before the relay acts; ``partial`` is true when part of the refused request (its head
+    and some chunks) already went to the app, so the app connection must be aborted, not finished.
+    """
+
+    def __init__(self, reason: str, detail: str, *, status: int = 400, partial: bool = False) -> None:
+        super().__init__(reason, detail)
+        self.status = status
+        self.partial = partial
+        self.forward = b""
