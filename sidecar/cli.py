@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import SidecarError
+from .pinning import PREFIX as PIN_PREFIX
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--dns", action="append", default=[], help="a DNS SAN (repeatable)")
     issue.add_argument("--hours", type=float, default=24.0, help="validity in hours (default 24)")
     issue.add_argument("--out", type=Path, help="output folder (default: DIR/NAME)")
+    pin = pki_sub.add_parser("pin", help="print the spki-sha256: pin of a PEM certificate (the first in FILE)")
+    pin.add_argument("file", type=Path, metavar="FILE")
 
     demo = sub.add_parser("demo", help="a whole mesh on loopback: calls, a refusal, a live rotation")
     demo.add_argument("--keep", action="store_true", help="keep the demo's files for inspection")
@@ -102,13 +105,17 @@ def _check(config_arg: str | None) -> int:
     cfg = config_mod.load(path)
     material = load_material(cfg.tls)  # the same validation `run` does, chain to the bundle included
     listeners = f"{len(cfg.inbound)} inbound, {len(cfg.outbound)} outbound listener(s)"
-    print(f"ok: {path} presents {material.identity.summary()}; {listeners}")
+    pin = f"pin {PIN_PREFIX}{material.identity.spki_sha256}"
+    print(f"ok: {path} presents {material.identity.summary()}; {pin}; {listeners}")
     return EXIT_OK
 
 
 def _pki(args: argparse.Namespace) -> int:
     from . import pki
 
+    if args.pki_command == "pin":
+        print(PIN_PREFIX + pki.pin_of_file(args.file))
+        return EXIT_OK
     if args.pki_command == "init":
         ca = pki.init_ca(args.dir, trust_domain=args.trust_domain, force=args.force)
         print(f"created CA '{ca.cert.subject.rfc4514_string()}' in {args.dir} (ca.pem, ca-key.pem mode 0600)")

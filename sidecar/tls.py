@@ -28,6 +28,7 @@ from .config import TLSFiles
 from .errors import CertificateError
 from .identity import from_certificate
 from .logs import event
+from .pinning import pin_of_der
 from .tickets import set_ticket_keys
 
 log = logging.getLogger("sidecar.tls")
@@ -45,6 +46,7 @@ class CertInfo:
     not_before: datetime
     not_after: datetime
     sha256: str
+    spki_sha256: str  # the public key's pin: ``spki-sha256:`` + this matches this certificate's key
 
     @classmethod
     def of(cls, cert: x509.Certificate) -> CertInfo:
@@ -57,6 +59,7 @@ class CertInfo:
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
             sha256=cert.fingerprint(hashes.SHA256()).hex(),
+            spki_sha256=pin_of_der(cert.public_bytes(serialization.Encoding.DER)),
         )
 
     def summary(self) -> str:

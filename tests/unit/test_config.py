@@ -191,6 +191,38 @@ def test_bad_pattern_names_its_index() -> None:
     assert parse_error(data).startswith("inbound[0].allow[1]:")
 
 
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        ("spiffe://mesh.local/jobs/../*", "'.' or '..'"),
+        ("spiffe://Mesh.local/jobs/*", "lower case"),
+        ("spiffe://mesh.local/jobs?x=1", "no query"),
+        ("spki-sha256:AAAA", "decodes to 3 bytes"),
+        ("spki-sha256:%%%%", "not standard base64"),
+    ],
+)
+def test_bad_spiffe_or_pin_pattern_names_its_yaml_path(pattern: str, why: str) -> None:
+    data = minimal(outbound=[{"name": "billing", "listen": "127.0.0.1:0", "upstream": "b.mesh:443"}])
+    data["inbound"][0]["allow"] = ["*", pattern]
+    message = parse_error(data)
+    assert message.startswith("inbound[0].allow[1]:") and why in message, message
+    data["inbound"][0]["allow"] = ["*"]
+    data["outbound"][0]["server_identity"] = [pattern]
+    message = parse_error(data)
+    assert message.startswith("outbound[0].server_identity[0]:") and why in message, message
+
+
+def test_pin_patterns_load_in_allow_and_server_identity() -> None:
+    pin = "spki-sha256:" + "A" * 43 + "="
+    data = minimal(
+        outbound=[{"name": "b", "listen": "127.0.0.1:0", "upstream": "b.mesh:443", "server_identity": [pin]}]
+    )
+    data["inbound"][0]["allow"] = [pin]
+    cfg = parse(data, base_dir=BASE)
+    assert cfg.inbound[0].allow[0].kind == "spki"
+    assert cfg.outbound[0].server_identity is not None and cfg.outbound[0].server_identity[0].kind == "spki"
+
+
 def test_duplicate_listener_names_are_refused() -> None:
     data = minimal(outbound=[{"name": "orders", "listen": "127.0.0.1:0", "upstream": "b.mesh:443"}])
     assert parse_error(data).startswith("outbound[0].name:")
