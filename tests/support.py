@@ -106,17 +106,22 @@ class CertFactory:
         not_before: datetime | None = None,
         not_after: datetime | None = None,
         folder: Path | None = None,
+        common_name: str | None = None,
+        **issue: Any,
     ) -> CertFiles:
+        """``spiffe``: "" for ``spiffe://mesh.local/NAME``, None for no URI SAN; ``common_name``
+        defaults to ``name``; ``issue``: more of ``pki.issue``'s arguments (key, extended_key_usages)."""
         self._n += 1
         spiffe_ids = [] if spiffe is None else [spiffe or f"{TD}/{name}"]
         issued = pki.issue(
             self.ca,
-            common_name=name,
+            common_name=name if common_name is None else common_name,
             spiffe_ids=spiffe_ids,
             dns_names=list(dns),
             organizational_units=list(ous),
             not_before=not_before,
             not_after=not_after,
+            **issue,
         )
         out = folder or self.root / f"{name}-{self._n}"
         out.mkdir(parents=True, exist_ok=True)
@@ -341,6 +346,23 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
         chunks.append(data)
         got += len(data)
     return b"".join(chunks)
+
+
+def tls_call(
+    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None, payload: bytes = b"ping"
+) -> tuple[bytes, ssl.SSLSession | None, bool]:
+    """One TLS call to 127.0.0.1:port, offering ``session``: (answer, the session to resume with
+    next, whether this one resumed). A refusal answers b""; the ticket of a refused handshake is
+    still returned (TLS 1.3 sends it right after the handshake)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s,
+    ):
+        s.sendall(payload)
+        answer = b""
+        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            answer = recv_exactly(s, len(payload))
+        return answer, s.session, s.session_reused
 
 
 def refused(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping") -> bool:
