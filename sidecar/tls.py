@@ -29,7 +29,7 @@ from .errors import CertificateError
 from .identity import from_certificate
 from .logs import event
 from .pinning import pin_of_der
-from .tickets import set_ticket_keys
+from .tickets import listener_keys, set_ticket_keys
 
 log = logging.getLogger("sidecar.tls")
 _CRL_BEGIN = b"-----BEGIN X509 CRL-----"
@@ -72,6 +72,7 @@ class Material:
     """One consistent generation of TLS material with contexts ready for handshakes."""
 
     server_ctx: ssl.SSLContext
+    listener_server_ctxs: Mapping[str, ssl.SSLContext] = field(repr=False, compare=False)
     client_ctx_hostname: ssl.SSLContext  # verifies the upstream's DNS name
     client_ctx_identity: ssl.SSLContext  # leaves identity to ``server_identity`` patterns
     chain: tuple[x509.Certificate, ...]
@@ -83,6 +84,16 @@ class Material:
     # The files' bytes as read, by path: how a supervisor hands the very same generation to its
     # workers. Holds the private key: never logged, never in a repr.
     file_bytes: Mapping[Path, bytes] = field(repr=False, compare=False, default_factory=dict)
+
+    def server_ctx_for(self, listener: str) -> ssl.SSLContext:
+        """The server context of inbound ``listener`` (named when the material was loaded).
+
+        Each has session-ticket keys of its own (derived from the workers' shared keys and the
+        listener's name, or random to the context), so a session made on one listener is never
+        resumed on another: a peer there makes a full handshake, and its certificate is checked
+        anew. The relay still re-checks ``allow`` on a resumed session (belt and braces).
+        """
+        return self.listener_server_ctxs[listener]
 
     def client_ctx(self, *, verify_hostname: bool) -> ssl.SSLContext:
         return self.client_ctx_hostname if verify_hostname else self.client_ctx_identity
@@ -163,12 +174,15 @@ def load_material(
     now: datetime | None = None,
     file_bytes: Mapping[Path, bytes] | None = None,
     ticket_keys: bytes | None = None,
+    listeners: Sequence[str] = (),
 ) -> Material:
     """Read, validate (key matches, leaf valid now, chain leads to the bundle) and build contexts
     (blocking: run it in a thread).
 
     ``file_bytes``: the files' bytes already read (by the supervisor), instead of reading the disk.
     ``ticket_keys``: session-ticket keys shared by every worker of a supervisor (``tickets.py``).
+    ``listeners``: inbound listener names, each given a server context of its own
+    (``Material.server_ctx_for``).
     """
     read = _Reader(file_bytes)
     chain = _read_certs(read(files.cert, "certificate"), files.cert, "certificate")
@@ -189,19 +203,20 @@ def load_material(
     )
     ca_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in cas)
     with _private_file(cert_pem + key_pem) as pair_path, _private_file(crl_pem or b"") as crl_path:
-        server = _context(ssl.PROTOCOL_TLS_SERVER, pair_path, ca_pem, crl_path if crl_pem else None, files)
-        server.verify_mode = ssl.CERT_REQUIRED
-        # TLS 1.3 tickets are sealed with keys random to this context: a reload (new contexts)
-        # makes every ticket issued before it useless, so a resumed peer always resumes trust
-        # material that is still current.
-        server.num_tickets = 1 if files.session_resumption else 0
-        if ticket_keys is not None and files.session_resumption and not set_ticket_keys(server, ticket_keys):
-            event(log, logging.WARNING, "cannot share session-ticket keys between workers; tickets stay per worker")
+        crl = crl_path if crl_pem else None
+        server = _server_context(pair_path, ca_pem, crl, files, ticket_keys)
+        by_listener = {
+            name: _server_context(
+                pair_path, ca_pem, crl, files, listener_keys(ticket_keys, name) if ticket_keys is not None else None
+            )
+            for name in listeners
+        }
         client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
         client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
         client_i.check_hostname = False  # identity is checked against server_identity after the handshake
     return Material(
         server_ctx=server,
+        listener_server_ctxs=by_listener,
         client_ctx_hostname=client_h,
         client_ctx_identity=client_i,
         chain=tuple(chain),
@@ -212,6 +227,20 @@ def load_material(
         generation=generation,
         file_bytes=read.seen,
     )
+
+
+def _server_context(
+    pair: str, ca_pem: bytes, crl: str | None, files: TLSFiles, ticket_keys: bytes | None
+) -> ssl.SSLContext:
+    server = _context(ssl.PROTOCOL_TLS_SERVER, pair, ca_pem, crl, files)
+    server.verify_mode = ssl.CERT_REQUIRED
+    # TLS 1.3 tickets are sealed with keys random to this context: a reload (new contexts)
+    # makes every ticket issued before it useless, so a resumed peer always resumes trust
+    # material that is still current.
+    server.num_tickets = 1 if files.session_resumption else 0
+    if ticket_keys is not None and files.session_resumption and not set_ticket_keys(server, ticket_keys):
+        event(log, logging.WARNING, "cannot share session-ticket keys between workers; tickets stay per worker")
+    return server
 
 
 def chain_problem(chain: Sequence[x509.Certificate], cas: Sequence[x509.Certificate]) -> str | None:
