@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.config import Address, Config, Limits, load, parse, parse_address, parse_duration
+from sidecar.config import Address, Config, Limits, load, loads, parse, parse_address, parse_duration
 from sidecar.errors import ConfigError, SidecarError
 
 BASE = Path("/etc/sidecar")
@@ -348,3 +348,42 @@ def test_invalid_yaml_names_the_file(tmp_path: Path) -> None:
     path.write_text("tls: [unclosed\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml"):
         load(path)
+
+
+# -- what the fuzzer found (fuzz/targets.py: any bytes give a Config or a one-line ConfigError) ------
+
+GOOD = b"tls: {cert: c, key: k, ca: ca}\ninbound: [{name: x, listen: '0.0.0.0:1', forward: 'h:2', allow: ['*']}]\n"
+
+
+def loads_error(raw: bytes) -> str:
+    with pytest.raises(ConfigError) as info:
+        loads(raw, base_dir=BASE, path=BASE / "sidecar.yaml")
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (GOOD + b"# caf\xe9\n", "not UTF-8 text"),  # found by the fuzzer: a traceback before
+        (b"when: 2001-13-01\n", "month must be in 1..12"),  # YAML's timestamp, built by datetime
+        (b"[" * 5000, "nested too deeply"),
+        (GOOD + b'"a\\nb": 1\n', "'a\\nb': unknown key"),
+        (GOOD.replace(b"h:2", b'"a\\nb:c:2"'), "in brackets"),
+        (GOOD + b"limits: {handshake_timeout: .nan}\n", "finite"),
+        (GOOD + b"limits: {drain_timeout: .inf}\n", "finite"),
+        (GOOD + b"limits: {idle_timeout: " + b"9" * 400 + b"h}\n", "finite"),
+        (GOOD.replace(b"cert: c", b"cert: '~nosuchuser-h16/c'"), "cannot expand the home folder"),
+        (GOOD.replace(b"cert: c", b'cert: "c\\0d"'), "tls.cert: expected a file path"),
+    ],
+)
+def test_odd_bytes_are_one_line_config_errors(raw: bytes, why: str) -> None:
+    message = loads_error(raw)
+    assert why in message, message
+
+
+def test_loads_is_load_without_the_disk(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_bytes(GOOD)
+    assert load(path) == loads(GOOD, base_dir=tmp_path, path=path)
