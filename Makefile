@@ -53,6 +53,13 @@ bench: venv
 profile: venv
 	$(PY) -m bench --profile
 
+# A soak through our sidecar pair: churn, keep-alive, bulk, idle and a certificate rotation every
+# minute; fails on any failed connection or unbounded growth (bench/soakreport.py).
+SOAK_MINUTES ?= 30
+
+soak: venv
+	$(PY) -m bench soak --minutes $(SOAK_MINUTES)
+
 test-compose: venv
 	bash scripts/compose-test.sh
 
