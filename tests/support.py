@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -205,9 +206,15 @@ def tls_section(leaf: CertFiles, ca_file: Path, crl: Path | None = None) -> dict
     return out
 
 
-def start_sidecar(config: Path, *, env: dict[str, str] | None = None) -> SidecarProcess:
+def start_sidecar(config: Path, *, env: dict[str, str] | None = None, max_fds: int | None = None) -> SidecarProcess:
+    """``sidecar run -c config``, ready; ``max_fds``: its open-files limit (RLIMIT_NOFILE), to exhaust."""
     log_path = config.with_suffix(".log")
     log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the process for its life
+
+    def limit() -> None:
+        if max_fds is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "run", "-c", str(config)],
         stdin=subprocess.DEVNULL,
@@ -215,6 +222,7 @@ def start_sidecar(config: Path, *, env: dict[str, str] | None = None) -> Sidecar
         stderr=log_file,
         env={**os.environ, **(env or {})},
         start_new_session=True,  # its own process group: teardown kills its workers too
+        preexec_fn=limit if max_fds is not None else None,
     )
     log_file.close()
     sc = SidecarProcess(config, proc, log_path)
