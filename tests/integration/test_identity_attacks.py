@@ -35,6 +35,7 @@ from support import (
     write_config,
 )
 
+from sidecar import pki
 from sidecar.pinning import PREFIX, pin_of_der
 
 PHASE_2 = "lands with the relay redesign (issue 16, phase 2): listeners.py is being rewritten"
@@ -147,6 +148,22 @@ def test_dns_and_cn_patterns_are_not_fooled_by_other_fields(
     assert [r["outcome"] for r in sc.wait_access(len(impostors))] == ["denied"] * len(impostors)
     assert backend.accepts == 0
     assert tls_exchange(sc.port("api"), client_context(ca.leaf("billing", spiffe=None, dns=()), ca.ca_file)) == b"ping"
+
+
+def test_a_certificate_signed_by_a_leaf_is_refused(jobs: SidecarProcess, ca: CertFactory, backend: Backend) -> None:
+    # a real client's leaf (CA:FALSE) signs a certificate claiming an ID jobs/* admits, and the
+    # client presents that certificate with the leaf as its "intermediate"
+    frontend = ca.leaf("frontend")
+    forged = pki.issue(frontend.issued, common_name="forged", spiffe_ids=[f"{TD}/jobs/forged"])
+    assert forged.chain == (frontend.issued.cert,)
+    cert, key = frontend.cert.parent / "forged.pem", frontend.cert.parent / "forged-key.pem"
+    pki.write_issued(forged, cert, key)
+    ctx = client_context(None, ca.ca_file)
+    ctx.load_cert_chain(cert, key)
+    assert refused(jobs.port("jobs"), ctx)
+    [rec] = jobs.wait_access(1)
+    assert rec["outcome"] == "tls_error" and rec["handshake_error"] == "bad_certificate", rec
+    assert backend.accepts == 0
 
 
 # -- extended key usage ----------------------------------------------------------------------------
