@@ -20,6 +20,7 @@ import random
 import ssl
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ OP_TIMEOUT = 30.0  # one request, connection or probe; a bulk transfer gets BULK
 BULK_TIMEOUT = 120.0
 ROTATION_DEADLINE = 10.0  # the contract says 2 s; more is an error, not a wait
 MAX_ERRORS_KEPT = 20
+LOAD_ERRORS = (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError)
 DRAIN_SETTLE = 2.0  # after the load: time for both sidecars to close what it closed
 
 
@@ -203,18 +205,22 @@ class Soak:
             raise ConnectionError(f"answer {status!r}")
         self.requests += 1
 
+    @contextlib.asynccontextmanager
+    async def _connection(self, port: int) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        async with asyncio.timeout(OP_TIMEOUT):
+            reader, writer = await self._connect(port)
+        try:
+            yield reader, writer
+        finally:
+            self._close(writer)
+
     async def _churn(self, port: int) -> None:
         while self._left() > 0:
-            writer = None
             try:
-                async with asyncio.timeout(OP_TIMEOUT):
-                    reader, writer = await self._connect(port)
-                    await self._request(reader, writer, close=True)
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                async with self._connection(port) as conn, asyncio.timeout(OP_TIMEOUT):
+                    await self._request(*conn, close=True)
+            except LOAD_ERRORS as exc:
                 self._error("churn request", exc)
-            finally:
-                if writer is not None:
-                    self._close(writer)
             if not await self._paced(self.s.churn_pause):
                 break
 
@@ -227,7 +233,7 @@ class Soak:
                         if conn is None:
                             conn = await self._connect(port)
                         await self._request(*conn, close=False)
-                except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                except LOAD_ERRORS as exc:
                     self._error("keep-alive request", exc)  # an established connection was cut: a failure
                     if conn is not None:
                         self._close(conn[1])
@@ -243,19 +249,15 @@ class Soak:
         low, high = self.s.idle_hold
         await asyncio.sleep(min(self._left(), rng.uniform(0, low)))  # spread the first opens
         while self._left() > 1:
-            writer = None
             try:
-                async with asyncio.timeout(OP_TIMEOUT):
-                    reader, writer = await self._connect(port)
-                    await self._request(reader, writer, close=False)
-                await asyncio.sleep(max(0.0, min(rng.uniform(low, high), self._left() - 1)))
-                async with asyncio.timeout(OP_TIMEOUT):
-                    await self._request(reader, writer, close=False)  # still good after the idle time
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                async with self._connection(port) as conn:
+                    async with asyncio.timeout(OP_TIMEOUT):
+                        await self._request(*conn, close=False)
+                    await asyncio.sleep(max(0.0, min(rng.uniform(low, high), self._left() - 1)))
+                    async with asyncio.timeout(OP_TIMEOUT):
+                        await self._request(*conn, close=False)  # still good after the idle time
+            except LOAD_ERRORS as exc:
                 self._error("idle connection", exc)
-            finally:
-                if writer is not None:
-                    self._close(writer)
 
     async def _bulk(self, port: int) -> None:
         reverse = False

@@ -206,6 +206,43 @@ def tls_section(leaf: CertFiles, ca_file: Path, crl: Path | None = None) -> dict
     return out
 
 
+def inbound_config(
+    path: Path, leaf: CertFiles, ca_file: Path, listeners: dict[str, tuple[str, list[str]]], **top: Any
+) -> Path:
+    """A config of inbound listeners on 127.0.0.1:0, name -> (forward address, allow); ``top``: more
+    top-level sections (limits, admin, log...)."""
+    return write_config(
+        path,
+        {
+            "tls": tls_section(leaf, ca_file),
+            "inbound": [
+                {"name": name, "listen": "127.0.0.1:0", "forward": forward, "allow": allow}
+                for name, (forward, allow) in listeners.items()
+            ],
+            **top,
+        },
+    )
+
+
+# SPIFFE IDs a raw string match of ``spiffe://mesh.local/jobs/*`` or ``/jobs/**`` would admit, and the
+# SPIFFE-ID standard forbids (issue 16): each must match no pattern at all.
+SPIFFE_TRICKS = (
+    f"{TD}/jobs/x?y=1",
+    f"{TD}/jobs/x#f",
+    f"{TD}/jobs/..",
+    f"{TD}/jobs/.",
+    f"{TD}/jobs/%2e%2e",
+    f"{TD}/jobs/../admin",
+    f"{TD}/jobs/x/../../admin",
+    f"{TD}/jobs//x",
+    f"{TD}/jobs/x/",
+    "spiffe://MESH.local/jobs/x",
+    "SPIFFE://mesh.local/jobs/x",
+    "spiffe://mesh.local:443/jobs/x",
+    "spiffe://evil@mesh.local/jobs/x",
+)
+
+
 def start_sidecar(config: Path, *, env: dict[str, str] | None = None, max_fds: int | None = None) -> SidecarProcess:
     """``sidecar run -c config``, ready; ``max_fds``: its open-files limit (RLIMIT_NOFILE), to exhaust."""
     log_path = config.with_suffix(".log")

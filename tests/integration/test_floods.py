@@ -23,13 +23,12 @@ from support import (
     CertFiles,
     SidecarProcess,
     client_context,
+    inbound_config,
     plain_connect,
     refused,
     start_sidecar,
     tls_exchange,
-    tls_section,
     wait_for,
-    write_config,
 )
 
 STALLED = 300
@@ -38,21 +37,10 @@ FAILING = 120
 PARTIAL_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
 
 
-def inbound_config(path: Path, ca: CertFactory, leaf: CertFiles, backend: Backend) -> Path:
-    return write_config(
-        path,
-        {
-            "tls": tls_section(leaf, ca.ca_file),
-            "inbound": [
-                {
-                    "name": "orders",
-                    "listen": "127.0.0.1:0",
-                    "forward": backend.address,
-                    "allow": ["spiffe://mesh.local/frontend"],
-                }
-            ],
-            "limits": {"handshake_timeout": "1s"},
-        },
+def config(path: Path, ca: CertFactory, leaf: CertFiles, backend: Backend) -> Path:
+    allow = ["spiffe://mesh.local/frontend"]
+    return inbound_config(
+        path, leaf, ca.ca_file, {"orders": (backend.address, allow)}, limits={"handshake_timeout": "1s"}
     )
 
 
@@ -72,7 +60,7 @@ def closed_by_peer(sock: socket.socket, timeout: float = 15.0) -> bool:
 def inbound(
     tmp_path: Path, ca: CertFactory, server_leaf: CertFiles, backend: Backend, sidecars: list[SidecarProcess]
 ) -> SidecarProcess:
-    sc = start_sidecar(inbound_config(tmp_path / "in.yaml", ca, server_leaf, backend))
+    sc = start_sidecar(config(tmp_path / "in.yaml", ca, server_leaf, backend))
     sidecars.append(sc)
     return sc
 
@@ -137,7 +125,7 @@ def test_running_out_of_descriptors_is_survived(
     backend: Backend,
     sidecars: list[SidecarProcess],
 ) -> None:
-    sc = start_sidecar(inbound_config(tmp_path / "in.yaml", ca, server_leaf, backend), max_fds=64)
+    sc = start_sidecar(config(tmp_path / "in.yaml", ca, server_leaf, backend), max_fds=64)
     sidecars.append(sc)
     port = sc.port("orders")
     ctx = client_context(client_leaf, ca.ca_file)

@@ -10,11 +10,10 @@ from support import (
     Backend,
     CertFactory,
     SidecarProcess,
+    inbound_config,
     plain_connect,
     start_sidecar,
-    tls_section,
     wait_for,
-    write_config,
 )
 
 from sidecar import pki
@@ -26,13 +25,7 @@ def test_a_log_file_beside_the_ca_bundle_does_not_feed_itself(
     folder = tmp_path / "h16-etc"  # config, CA bundle, certs and the log all in one folder
     ca = CertFactory(folder)
     leaf = ca.leaf("orders", folder=folder)
-    cfg = write_config(
-        folder / "sidecar.yaml",
-        {
-            "tls": tls_section(leaf, ca.ca_file),
-            "inbound": [{"name": "orders", "listen": "127.0.0.1:0", "forward": backend.address, "allow": ["*"]}],
-        },
-    )
+    cfg = inbound_config(folder / "sidecar.yaml", leaf, ca.ca_file, {"orders": (backend.address, ["*"])})
     sc = start_sidecar(cfg)  # logs to folder/sidecar.log
     sidecars.append(sc)
     assert sc.log_path.parent == ca.ca_file.parent
