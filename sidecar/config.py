@@ -121,21 +121,22 @@ def load(path: Path) -> Config:
 
 def loads(raw: bytes, *, base_dir: Path, path: Path | None = None) -> Config:
     """``load`` without the disk: the bytes of a config file (the fuzzer's entry point)."""
+    source = f"config file '{path}'" if path is not None else "config"
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file '{path}': not UTF-8 text (a bad byte at offset {exc.start})") from None
+        raise ConfigError(f"{source}: not UTF-8 text (a bad byte at offset {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"config file '{path}': not valid YAML{where}: {_one_line(problem)}") from None
+        raise ConfigError(f"{source}: not valid YAML{where}: {_one_line(problem)}") from None
     except ValueError as exc:  # a value YAML parsed but Python could not build, e.g. the date 2001-13-01
-        raise ConfigError(f"config file '{path}': not valid YAML: {_one_line(str(exc))}") from None
+        raise ConfigError(f"{source}: not valid YAML: {_one_line(str(exc))}") from None
     except RecursionError:
-        raise ConfigError(f"config file '{path}': not valid YAML: nested too deeply") from None
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
     return parse(data, base_dir=base_dir, path=path)
 
 

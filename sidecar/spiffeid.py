@@ -15,13 +15,8 @@ MAX_TRUST_DOMAIN_LENGTH = 255  # RFC 3986's limit on a host (2.3)
 
 _TRUST_DOMAIN_CHARS = frozenset(string.ascii_lowercase + string.digits + ".-_")
 _SEGMENT_CHARS = frozenset(string.ascii_letters + string.digits + ".-_")
-_WHY_CHAR = {
-    "@": "no user info",
-    ":": "no port",
-    "?": "no query",
-    "#": "no fragment",
-    "%": "no percent-encoding",
-}
+_WHY_CHAR = {"?": "no query", "#": "no fragment", "%": "no percent-encoding"}
+_WHY_AUTHORITY_CHAR = {"@": "no user info", ":": "no port"}
 
 
 def claims_spiffe(uri: str) -> bool:
@@ -67,8 +62,9 @@ def is_valid(uri: str, *, require_path: bool = False) -> bool:
 
 
 def _char_problem(ch: str, where: str, allowed: str) -> str:
-    if ch in _WHY_CHAR:
-        return f"{_WHY_CHAR[ch]} allowed ({ch!r} in the {where})"
+    why = _WHY_CHAR.get(ch) or (_WHY_AUTHORITY_CHAR.get(ch) if where == "trust domain" else None)
+    if why is not None:
+        return f"{why} allowed ({ch!r} in the {where})"
     if where == "trust domain" and ch in string.ascii_uppercase:
         return "the trust domain must be lower case"
     return f"the {where} may hold only {allowed}, not {ch!r}"

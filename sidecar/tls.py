@@ -211,8 +211,8 @@ def load_material(
             )
             for name in listeners
         }
-        client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
-        client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl_path if crl_pem else None, files)
+        client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, files)
+        client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, files)
         client_i.check_hostname = False  # identity is checked against server_identity after the handshake
     return Material(
         server_ctx=server,

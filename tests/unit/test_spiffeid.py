@@ -58,6 +58,8 @@ def test_valid_ids(uri: str) -> None:
         ("spiffe://mesh.local/caf\u00e9", "path may hold only"),
         ("spiffe://m\u00e9sh/x", "trust domain may hold only"),
         ("spiffe://mesh.local/a*", "path may hold only"),
+        ("spiffe://mesh.local/a:b", "path may hold only"),  # a colon in the path is no port
+        ("spiffe://mesh.local/a@b", "path may hold only"),
         ("spiffe://mesh.local/" + "a" * (spiffeid.MAX_LENGTH - len("spiffe://mesh.local/") + 1), "longer than"),
         ("spiffe://" + "t" * (spiffeid.MAX_TRUST_DOMAIN_LENGTH + 1) + "/x", "trust domain longer"),
     ],
