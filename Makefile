@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint unit bench bench-deps profile test-compose clean
+.PHONY: venv demo test lint unit fuzz fuzz-smoke bench bench-deps profile soak test-compose clean
 
 venv: $(STAMP)
 
@@ -18,8 +18,8 @@ demo: venv
 	$(VENV)/bin/sidecar demo
 
 lint: venv
-	$(VENV)/bin/ruff check sidecar tests bench
-	$(VENV)/bin/ruff format --check sidecar tests bench
+	$(VENV)/bin/ruff check sidecar tests bench fuzz
+	$(VENV)/bin/ruff format --check sidecar tests bench fuzz
 	$(VENV)/bin/mypy sidecar
 
 test: lint
@@ -27,6 +27,21 @@ test: lint
 
 unit: venv
 	$(PY) -m pytest tests/unit
+
+# Fuzzing (atheris): each target for FUZZ_SECONDS; a crash stops the run, lands in fuzz/crashes/
+# and becomes a case in tests/unit/fuzz_cases/. fuzz-smoke is the short pass CI runs.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := config patterns spiffe pin http1
+
+fuzz: venv
+	@for t in $(FUZZ_TARGETS); do \
+		echo "fuzz: $$t for $(FUZZ_SECONDS)s"; \
+		$(PY) -m fuzz $$t --seconds $(FUZZ_SECONDS) 2>fuzz/$$t.log || { tail -40 fuzz/$$t.log; exit 1; }; \
+		grep -h "stat::number_of_executed_units" fuzz/$$t.log; \
+	done
+
+fuzz-smoke:
+	$(MAKE) fuzz FUZZ_SECONDS=10
 
 bench-deps:
 	apt-get update -q
@@ -37,6 +52,13 @@ bench: venv
 
 profile: venv
 	$(PY) -m bench --profile
+
+# A soak through our sidecar pair: churn, keep-alive, bulk, idle and a certificate rotation every
+# minute; fails on any failed connection or unbounded growth (bench/soakreport.py).
+SOAK_MINUTES ?= 30
+
+soak: venv
+	$(PY) -m bench soak --minutes $(SOAK_MINUTES)
 
 test-compose: venv
 	bash scripts/compose-test.sh

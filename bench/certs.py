@@ -7,7 +7,7 @@ a proxy wants: separate cert and key, and cert + key in one PEM for HAProxy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sidecar import pki
@@ -27,6 +27,7 @@ class Leaf:
     cert: Path
     key: Path
     combined: Path  # cert chain then key, for HAProxy's ``crt``
+    serial: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Certs:
     server: Leaf
     client: Leaf
     rogue: Leaf  # a client leaf from another CA: must be refused
+    issuer: pki.Issued | None = field(default=None, repr=False)  # the CA, for rotations (``write_leaf``)
 
 
 def make(folder: Path) -> Certs:
@@ -43,17 +45,22 @@ def make(folder: Path) -> Certs:
     rogue_ca = pki.new_ca("rogue CA", trust_domain=TRUST_DOMAIN)
     ca_file = folder / "ca.pem"
     pki.write_atomic(ca_file, ca.cert_pem())
-
-    def leaf(issuer: pki.Issued, name: str, spiffe_id: str) -> Leaf:
-        issued = pki.issue(issuer, common_name=name, spiffe_ids=[spiffe_id], dns_names=[SERVER_NAME], hours=48)
-        out = Leaf(folder / f"{name}.pem", folder / f"{name}.key", folder / f"{name}.combined.pem")
-        pki.write_issued(issued, out.cert, out.key)
-        pki.write_atomic(out.combined, issued.cert_pem() + issued.key_pem(), 0o600)
-        return out
-
     return Certs(
         ca=ca_file,
-        server=leaf(ca, "server", SERVER_ID),
-        client=leaf(ca, "client", CLIENT_ID),
-        rogue=leaf(rogue_ca, "rogue", CLIENT_ID),
+        server=write_leaf(ca, folder, "server", SERVER_ID),
+        client=write_leaf(ca, folder, "client", CLIENT_ID),
+        rogue=write_leaf(rogue_ca, folder, "rogue", CLIENT_ID),
+        issuer=ca,
     )
+
+
+def write_leaf(issuer: pki.Issued, folder: Path, name: str, spiffe_id: str) -> Leaf:
+    """Issue a leaf into ``folder`` (key, then cert, then the combined file, each atomically):
+    writing it again over the same name is a rotation a watching proxy picks up."""
+    issued = pki.issue(issuer, common_name=name, spiffe_ids=[spiffe_id], dns_names=[SERVER_NAME], hours=48)
+    out = Leaf(
+        folder / f"{name}.pem", folder / f"{name}.key", folder / f"{name}.combined.pem", issued.cert.serial_number
+    )
+    pki.write_issued(issued, out.cert, out.key)
+    pki.write_atomic(out.combined, issued.cert_pem() + issued.key_pem(), 0o600)
+    return out

@@ -1,8 +1,10 @@
-"""``python -m bench``: the only place that parses options, prints the summary and picks exit codes.
+"""``python -m bench`` and ``python -m bench soak``: the only place that parses options, prints the
+summary and picks exit codes.
 
-Exit 0: every pair passed its checks and every workload ran. 1: a pair failed (the report is still
-written, naming it). 2: a usage error or a missing tool. 130: interrupted (everything started is
-stopped and the temporary folder removed first).
+Exit 0: every pair passed its checks and every workload ran (soak: no failed connection, no
+unbounded growth). 1: a pair failed, or the soak did (the report is still written, naming it).
+2: a usage error or a missing tool. 130: interrupted (everything started is stopped and the
+temporary folder removed first).
 """
 
 from __future__ import annotations
@@ -66,9 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    soak = argv[:1] == ["soak"]
+    args = build_soak_parser().parse_args(argv[1:]) if soak else build_parser().parse_args(argv)
     try:
         with sigterm_as_interrupt():
+            if soak:
+                return run_soak(args)
             if args.render:
                 return render(args.render)
             if args.target:
@@ -86,6 +92,44 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bench: interrupted; everything it started is stopped", file=sys.stderr)
         return 130
+
+
+def build_soak_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench soak",
+        description="Churn, keep-alive, bulk and idle connections plus certificate rotations through our "
+        "sidecar pair; fails on any failed connection or unbounded growth of descriptors or memory.",
+        epilog="Results go to bench/results/<date>-soak.{md,json,png}; `make soak SOAK_MINUTES=N`.",
+    )
+    p.add_argument("--minutes", type=float, default=30.0, help="how long the load runs (default 30)")
+    p.add_argument("--rotate-every", type=float, default=60.0, help="seconds between rotations (default 60)")
+    p.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples (default 5)")
+    p.add_argument("--workers", type=int, default=1, help="workers per sidecar (default 1)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="report folder (default bench/results)")
+    p.add_argument("--keep-tmp", action="store_true", help="keep the temporary folder (configs, logs)")
+    return p
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    """Exit 0: no failed connection and no unbounded growth; 1: either (the report says which)."""
+    from . import soakreport
+    from .soak import Soak, SoakSettings
+
+    if args.minutes <= 0 or args.rotate_every <= 0 or args.sample_every <= 0 or args.workers < 1:
+        raise BenchError("--minutes, --rotate-every, --sample-every and --workers must be positive")
+    settings = SoakSettings(
+        minutes=args.minutes, rotate_every=args.rotate_every, sample_every=args.sample_every, workers=args.workers
+    )
+    if settings.seconds < 120:  # a short run (a test): idle holds and bulk spacing shrink with it
+        quarter = settings.seconds / 4
+        settings = replace(settings, idle_hold=(quarter / 4, quarter), bulk_every=quarter, bulk_mb=8)
+    with Procs(keep_tmp=args.keep_tmp) as procs:
+        run = Soak(settings, procs).run()
+    results = soakreport.build(run)
+    for path in soakreport.write(results, args.out, f"{date.today().isoformat()}-soak"):
+        print(f"bench: wrote {path}", file=sys.stderr)
+    print(soakreport.markdown(results))
+    return 0 if results["passed"] else 1
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

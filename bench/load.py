@@ -142,7 +142,8 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
 
 
-async def _read_response(reader: asyncio.StreamReader, *, until_eof: bool) -> None:
+async def read_response(reader: asyncio.StreamReader, *, until_eof: bool) -> bytes:
+    """Read one HTTP/1.1 response (its body by Content-Length or chunks); returns its head."""
     head = await reader.readuntil(b"\r\n\r\n")
     if not head.startswith(b"HTTP/1."):
         raise ConnectionError(f"not an HTTP answer: {head[:40]!r}")
@@ -156,6 +157,7 @@ async def _read_response(reader: asyncio.StreamReader, *, until_eof: bool) -> No
             pass
     if until_eof:
         await reader.read()
+    return head
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -184,7 +186,7 @@ async def _http(
                     conn = await asyncio.open_connection(host, port)
                 reader, writer = conn
                 writer.write(req)
-                await _read_response(reader, until_eof=close)
+                await read_response(reader, until_eof=close)
                 latencies.append(time.perf_counter() - started)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 errors += 1
@@ -218,7 +220,7 @@ def py_http(
     return run_async(_http(port, connections, duration, close, host, path, host_header))
 
 
-async def _bulk(port: int, size: int, reverse: bool) -> BulkResult:
+async def bulk_transfer(port: int, size: int, reverse: bool) -> BulkResult:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.perf_counter()
     try:
@@ -247,7 +249,7 @@ async def _bulk(port: int, size: int, reverse: bool) -> BulkResult:
 
 
 def py_bulk(port: int, *, size: int, reverse: bool) -> BulkResult:
-    return run_async(_bulk(port, size, reverse))
+    return run_async(bulk_transfer(port, size, reverse))
 
 
 # -- idle connections ----------------------------------------------------------------------------
@@ -275,7 +277,7 @@ async def _idle(port: int, n: int, rss: Callable[[], int], settle: float) -> Idl
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writers.append(writer)
             writer.write(REQUEST)
-            await asyncio.wait_for(_read_response(reader, until_eof=False), 10)
+            await asyncio.wait_for(read_response(reader, until_eof=False), 10)
 
     try:
         outcomes = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)

@@ -1,8 +1,8 @@
 """Coverage-guided fuzzing of the x-forwarded-client-cert rewriter (sidecar.http1) with atheris.
 
-Run: ``python fuzz/fuzz_http1.py -max_total_time=300`` (any libFuzzer flag works; with no corpus
-folder given it starts from the seeds in fuzz/corpus/http1, copied to a scratch folder so the run
-never writes into the repository).
+Run: ``python -m fuzz http1 --seconds 300`` as the other targets, or ``python fuzz/fuzz_http1.py
+-max_total_time=300`` (any libFuzzer flag works; with no corpus folder given it starts from the
+seeds in fuzz/seeds/http1, copied to a scratch folder so the run never writes into the repository).
 
 Each input is a caller byte stream, fed at once and again in pieces the input chooses, with an
 app answer when the rewriter holds bytes behind an upgrade. Properties, any breach is a crash:
@@ -38,7 +38,7 @@ ANSWERS = [
     b"HTTP/1.1 204 No Content\r\n\r\n",
     b"garbage\r\n\r\n",
 ]
-SEEDS = Path(__file__).resolve().parent / "corpus" / "http1"
+SEEDS = Path(__file__).resolve().parent / "seeds" / "http1"
 
 
 def feed(pieces: list[bytes], answers: list[bytes]) -> tuple[bytes, str | None]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import SidecarError, WorkloadAPIUnavailable
+from .pinning import PREFIX as PIN_PREFIX
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--dns", action="append", default=[], help="a DNS SAN (repeatable)")
     issue.add_argument("--hours", type=float, default=24.0, help="validity in hours (default 24)")
     issue.add_argument("--out", type=Path, help="output folder (default: DIR/NAME)")
+    pin = pki_sub.add_parser("pin", help="print the spki-sha256: pin of a PEM certificate (the first in FILE)")
+    pin.add_argument("file", type=Path, metavar="FILE")
 
     iptables = sub.add_parser("iptables", help="the nat rules that capture traffic for transparent mode")
     ipt_sub = iptables.add_subparsers(dest="iptables_command", required=True, parser_class=_Parser)
@@ -132,12 +135,14 @@ def _check(config_arg: str | None) -> int:
 
         material = fetch_material(cfg.tls)  # waits for the first SVID as `run` does, same deadline
         domains = ", ".join(material.trust_domains)
-        print(f"ok: {path} presents {material.identity.summary()} from {cfg.tls.address}; ", end="")
+        pin = f"pin {PIN_PREFIX}{material.identity.spki_sha256}"
+        print(f"ok: {path} presents {material.identity.summary()} from {cfg.tls.address}; {pin}; ", end="")
         print(f"trust domains {domains}; {listeners}")
         return EXIT_OK
     # the same validation `run` does, chain to the bundle included
     material = load_material(read_files(cfg.tls), session_resumption=cfg.tls.session_resumption)
-    print(f"ok: {path} presents {material.identity.summary()}; {listeners}")
+    pin = f"pin {PIN_PREFIX}{material.identity.spki_sha256}"
+    print(f"ok: {path} presents {material.identity.summary()}; {pin}; {listeners}")
     return EXIT_OK
 
 
@@ -166,6 +171,9 @@ def _iptables(args: argparse.Namespace) -> int:
 def _pki(args: argparse.Namespace) -> int:
     from . import pki
 
+    if args.pki_command == "pin":
+        print(PIN_PREFIX + pki.pin_of_file(args.file))
+        return EXIT_OK
     if args.pki_command == "init":
         ca = pki.init_ca(args.dir, trust_domain=args.trust_domain, force=args.force)
         print(f"created CA '{ca.cert.subject.rfc4514_string()}' in {args.dir} (ca.pem, ca-key.pem mode 0600)")

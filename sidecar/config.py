@@ -8,6 +8,7 @@ or reads a certificate (``sidecar check`` and the TLS owner do that).
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -250,17 +251,31 @@ def resolve_path(explicit: str | None) -> Path:
 def load(path: Path) -> Config:
     """Read and validate ``path``; relative file names inside it resolve against its folder."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"config file '{path}': {exc.strerror or exc}") from None
+    return loads(raw, base_dir=path.parent, path=path)
+
+
+def loads(raw: bytes, *, base_dir: Path, path: Path | None = None) -> Config:
+    """``load`` without the disk: the bytes of a config file (the fuzzer's entry point)."""
+    source = f"config file '{path}'" if path is not None else "config"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (a bad byte at offset {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise ConfigError(f"config file '{path}': not valid YAML{where}: {problem}") from None
-    return parse(data, base_dir=path.parent, path=path)
+        raise ConfigError(f"{source}: not valid YAML{where}: {_one_line(problem)}") from None
+    except ValueError as exc:  # a value YAML parsed but Python could not build, e.g. the date 2001-13-01
+        raise ConfigError(f"{source}: not valid YAML: {_one_line(str(exc))}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
+    return parse(data, base_dir=base_dir, path=path)
 
 
 def parse(data: Any, *, base_dir: Path, path: Path | None = None) -> Config:
@@ -305,6 +320,8 @@ def parse_duration(value: Any, where: str) -> float:
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if seconds < 0:
         raise ConfigError(f"{where}: must not be negative")
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{where}: must be a finite duration, got {value!r}")
     return seconds
 
 
@@ -326,7 +343,7 @@ def parse_address(value: Any, where: str) -> Address:
         if not sep or not host:
             raise ConfigError(f'{where}: expected "host:port", got {value!r}')
         if ":" in host:
-            raise ConfigError(f'{where}: write IPv6 addresses as "[{host}]:{port}"')
+            raise ConfigError(f"{where}: write IPv6 addresses in brackets, as [::1]:8443, got {value!r}")
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{where}: port must be a number from 0 to 65535, got {port!r}")
     return Address(host, int(port))
@@ -346,9 +363,12 @@ def _tls(value: Any, where: str, base_dir: Path) -> TLSSettings:
 
     def path(key: str) -> Path:
         raw = m[key]
-        if not isinstance(raw, str) or not raw.strip():
+        if not isinstance(raw, str) or not raw.strip() or "\0" in raw:
             raise ConfigError(f"{where}.{key}: expected a file path, got {raw!r}")
-        p = Path(raw).expanduser()
+        try:
+            p = Path(raw).expanduser()
+        except RuntimeError:  # "~user" of a user this machine does not know
+            raise ConfigError(f"{where}.{key}: cannot expand the home folder in {raw!r}") from None
         return p if p.is_absolute() else base_dir / p
 
     resumption, lifetime = _sessions(m, where)
@@ -712,7 +732,8 @@ def _mapping(
     for key in value:
         if key not in required and key not in optional:
             known = ", ".join(sorted(required | optional))
-            raise ConfigError(f"{prefix}{key}: unknown key (known here: {known})")
+            shown = key if isinstance(key, str) and key.isprintable() else repr(key)
+            raise ConfigError(f"{prefix}{shown}: unknown key (known here: {known})")
     for key in sorted(required):
         if key not in value or value[key] is None:
             raise ConfigError(f"{prefix}{key}: required")
@@ -743,6 +764,10 @@ def _port(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise ConfigError(f"{where}: expected a port from 1 to 65535, got {value!r}")
     return value
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "?"
 
 
 def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:

@@ -65,6 +65,10 @@ def setup(level: str = "info", fmt: str = "json", *, worker: int | None = None) 
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # watchfiles says "N changes detected" at info for every event in a watched folder; our
+    # watcher logs the changes that matter. Left at info, a log file written into the folder of a
+    # watched file (the CA bundle's, say) fed itself: each line was a change, each change a line.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import pinning, spiffeid
 from .errors import PKIError
 
 CA_CERT_FILE = "ca.pem"
@@ -37,12 +38,8 @@ DEFAULT_TRUST_DOMAIN = "mesh.local"
 CLOCK_SKEW = timedelta(minutes=5)
 """Certificates start this long before "now", so a peer whose clock lags a little accepts them."""
 CA_LIFETIME = timedelta(days=3650)
+LEAF_EKUS = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
 
-# SPIFFE ID syntax (spiffe.io, "SPIFFE-ID" standard): lower-case trust domain, no port or userinfo,
-# path segments of [A-Za-z0-9._-] that are neither "." nor "..", no query, no fragment.
-_TRUST_DOMAIN = re.compile(r"^[a-z0-9._-]+$")
-_PATH_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
-_SPIFFE_MAX_LEN = 2048
 # A workload name becomes a directory, a CN (at most 64 characters) and a SPIFFE path segment.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
@@ -126,14 +123,18 @@ def issue(
     not_before: datetime | None = None,
     not_after: datetime | None = None,
     hours: float = 24.0,
+    key: ec.EllipticCurvePrivateKey | None = None,
+    extended_key_usages: Sequence[x509.ObjectIdentifier] = LEAF_EKUS,
 ) -> Issued:
     """A new EC P-256 leaf signed by ``ca``, usable as both TLS server and TLS client.
 
     ``spiffe_ids`` become URI SANs as given (any URI, so tests can build odd identities; the CLI
     path validates first). Validity: ``not_before`` defaults to five minutes ago (clock skew),
     ``not_after`` to ``not_before + hours``. With no CN the SAN extension is marked critical (an
-    empty subject requires it). The leaf's ``chain`` is every certificate of ``ca.cert, *ca.chain`` that is
-    not self-signed: empty under a root, the intermediates under an intermediate.
+    empty subject requires it). The leaf's ``chain`` is every certificate of ``ca.cert, *ca.chain``
+    that is not self-signed: empty under a root, the intermediates under an intermediate. ``key``:
+    re-issue for an existing key (a new key is made by default). ``extended_key_usages``:
+    serverAuth and clientAuth by default; tests give others (an EKU of anyExtendedKeyUsage alone).
     """
     start = _utc(not_before) if not_before is not None else _now() - CLOCK_SKEW
     if not_after is not None:
@@ -158,11 +159,11 @@ def issue(
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
     attributes += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou) for ou in organizational_units]
 
-    key = ec.generate_private_key(ec.SECP256R1())
+    key = key or ec.generate_private_key(ec.SECP256R1())
     builder = (
         _builder(x509.Name(attributes), ca.cert.subject, key, start, end, ca=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(list(extended_key_usages)),
             critical=False,
         )
         .add_extension(_authority_key_id(ca), critical=False)
@@ -259,33 +260,9 @@ def validate_spiffe_id(uri: str, *, require_path: bool = True) -> str:
     A workload's ID needs a path (``spiffe://TD`` alone names the trust domain itself), so
     ``require_path`` defaults to True.
     """
-
-    def bad(why: str) -> PKIError:
-        return PKIError(f"invalid SPIFFE ID {uri!r}: {why}")
-
-    if len(uri) > _SPIFFE_MAX_LEN:
-        raise bad(f"longer than {_SPIFFE_MAX_LEN} characters")
-    if not uri.startswith("spiffe://"):
-        raise bad("must start with 'spiffe://'")
-    rest = uri.removeprefix("spiffe://")
-    if "?" in rest or "#" in rest:
-        raise bad("must not have a query or fragment")
-    domain, slash, path = rest.partition("/")
-    if not domain:
-        raise bad("missing trust domain")
-    if not _TRUST_DOMAIN.match(domain):
-        raise bad("trust domain may hold only lower-case letters, digits, '.', '-' and '_' (no port)")
-    if not slash:
-        if require_path:
-            raise bad("missing a path after the trust domain (e.g. 'spiffe://mesh.local/orders')")
-        return uri
-    for segment in path.split("/"):
-        if not segment:
-            raise bad("empty path segment (a doubled or trailing '/')")
-        if segment in (".", ".."):
-            raise bad("path segments must not be '.' or '..'")
-        if not _PATH_SEGMENT.match(segment):
-            raise bad(f"path segment {segment!r} may hold only letters, digits, '.', '-' and '_'")
+    why = spiffeid.problem(uri, require_path=require_path)
+    if why is not None:
+        raise PKIError(f"invalid SPIFFE ID {uri!r}: {why}")
     return uri
 
 
@@ -412,7 +389,7 @@ def issue_to_dir(
     re-issuing into a folder a sidecar watches is a rotation.
     """
     ca_dir = Path(ca_dir)
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise PKIError(
             f"invalid name {name!r}: use 1-64 letters, digits, '.', '-' or '_', starting with a letter or digit"
         )
@@ -427,6 +404,17 @@ def issue_to_dir(
     _make_dir(out_dir)
     write_issued(leaf, out_dir / CERT_FILE, out_dir / KEY_FILE)
     return leaf
+
+
+def pin_of_file(path: Path) -> str:
+    """The pin (``spki-sha256:`` value) of the first certificate in the PEM file ``path``."""
+    try:
+        certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except OSError as exc:
+        raise PKIError(f"reading certificate '{path}': {_cause(exc)}") from None
+    except ValueError:
+        raise PKIError(f"certificate '{path}': holds no valid PEM certificate") from None
+    return pinning.pin_of_der(certs[0].public_bytes(serialization.Encoding.DER))
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -448,7 +436,7 @@ def _check_validity(start: datetime, end: datetime) -> None:
 
 
 def _check_trust_domain(trust_domain: str) -> None:
-    if not trust_domain or not _TRUST_DOMAIN.match(trust_domain):
+    if "/" in trust_domain or not spiffeid.is_valid(spiffeid.PREFIX + trust_domain):
         raise PKIError(f"invalid trust domain {trust_domain!r}: use lower-case letters, digits, '.', '-' and '_'")
 
 
@@ -456,7 +444,7 @@ def _check_dns_name(name: str) -> None:
     labels = name.split(".")
     if labels and labels[0] == "*":
         labels = labels[1:]  # a wildcard is one whole left-most label
-    if len(name) > 253 or not labels or not all(_DNS_LABEL.match(label) for label in labels):
+    if len(name) > 253 or not labels or not all(_DNS_LABEL.fullmatch(label) for label in labels):
         raise PKIError(f"invalid DNS name {name!r}")
 
 

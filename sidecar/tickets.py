@@ -16,6 +16,9 @@ import ctypes
 import os
 import ssl
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from .libssl import context_pointer, lib
 
 TICKET_KEYS_SIZE = 80  # name 16 + HMAC secret 32 + AES key 32 (OpenSSL's legacy ticket key layout)
@@ -25,6 +28,14 @@ _SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 
 def new_keys() -> bytes:
     return os.urandom(TICKET_KEYS_SIZE)
+
+
+def listener_keys(keys: bytes, listener: str) -> bytes:
+    """The ticket keys of one inbound listener: ``keys`` (the generation's, shared by every worker)
+    expanded with HKDF-SHA256 over the listener's name. Every worker derives the same keys for a
+    listener; no two listeners share keys, so a ticket opens only on the listener that issued it."""
+    info = b"sidecar session-ticket keys for listener " + listener.encode()
+    return HKDF(algorithm=hashes.SHA256(), length=TICKET_KEYS_SIZE, salt=None, info=info).derive(keys)
 
 
 def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:

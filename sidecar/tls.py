@@ -30,7 +30,8 @@ from .config import TLSFiles, TLSSettings
 from .errors import CertificateError, SidecarError, WorkerError
 from .identity import from_certificate
 from .logs import event
-from .tickets import set_ticket_keys
+from .pinning import pin_of_der
+from .tickets import listener_keys, set_ticket_keys
 
 log = logging.getLogger("sidecar.tls")
 _CRL_BEGIN = b"-----BEGIN X509 CRL-----"
@@ -47,6 +48,7 @@ class CertInfo:
     not_before: datetime
     not_after: datetime
     sha256: str
+    spki_sha256: str  # the public key's pin: ``spki-sha256:`` + this matches this certificate's key
 
     @classmethod
     def of(cls, cert: x509.Certificate) -> CertInfo:
@@ -59,6 +61,7 @@ class CertInfo:
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
             sha256=cert.fingerprint(hashes.SHA256()).hex(),
+            spki_sha256=pin_of_der(cert.public_bytes(serialization.Encoding.DER)),
         )
 
     def summary(self) -> str:
@@ -155,6 +158,7 @@ class Material:
     """One consistent generation of TLS material with contexts ready for handshakes."""
 
     server_ctx: ssl.SSLContext
+    listener_server_ctxs: Mapping[str, ssl.SSLContext] = field(repr=False, compare=False)
     client_ctx_hostname: ssl.SSLContext  # verifies the upstream's DNS name
     client_ctx_identity: ssl.SSLContext  # leaves identity to ``server_identity`` patterns
     chain: tuple[x509.Certificate, ...]
@@ -168,6 +172,16 @@ class Material:
     bundle: PemBundle = field(repr=False, compare=False)
     # Each trust domain's CAs (Workload API only): what ``peer_trust_problem`` checks against.
     authorities: Mapping[str, tuple[x509.Certificate, ...]] = field(repr=False, compare=False, default_factory=dict)
+
+    def server_ctx_for(self, listener: str) -> ssl.SSLContext:
+        """The server context of inbound ``listener`` (named when the material was loaded).
+
+        Each has session-ticket keys of its own (derived from the workers' shared keys and the
+        listener's name, or random to the context), so a session made on one listener is never
+        resumed on another: a peer there makes a full handshake, and its certificate is checked
+        anew. The relay still re-checks ``allow`` on a resumed session (belt and braces).
+        """
+        return self.listener_server_ctxs[listener]
 
     def client_ctx(self, *, verify_hostname: bool) -> ssl.SSLContext:
         return self.client_ctx_hostname if verify_hostname else self.client_ctx_identity
@@ -294,11 +308,14 @@ def load_material(
     generation: int = 1,
     now: datetime | None = None,
     ticket_keys: bytes | None = None,
+    listeners: Sequence[str] = (),
 ) -> Material:
     """Validate (key matches, leaf valid now, chain leads to a trust bundle) and build contexts
     (blocking: run it in a thread).
 
     ``ticket_keys``: session-ticket keys shared by every worker of a supervisor (``tickets.py``).
+    ``listeners``: inbound listener names, each given a server context of its own
+    (``Material.server_ctx_for``).
     """
     o = bundle.origin
     chain = _read_certs(bundle.chain, o.label(CERT))
@@ -324,19 +341,24 @@ def load_material(
     loading = f"loading {o.ref(CERT)}, {o.ref(KEY)}, {o.ref(CA)} into TLS"
     with _private_file(cert_pem + key_pem) as pair_path, _private_file(crl_pem or b"") as crl_path:
         crl = crl_path if crl_pem else None
-        server = _context(ssl.PROTOCOL_TLS_SERVER, pair_path, ca_pem, crl, loading)
-        server.verify_mode = ssl.CERT_REQUIRED
-        # TLS 1.3 tickets are sealed with keys random to this context: a reload (new contexts)
-        # makes every ticket issued before it useless, so a resumed peer always resumes trust
-        # material that is still current.
-        server.num_tickets = 1 if session_resumption else 0
-        if ticket_keys is not None and session_resumption and not set_ticket_keys(server, ticket_keys):
-            event(log, logging.WARNING, "cannot share session-ticket keys between workers; tickets stay per worker")
+        server = _server_context(pair_path, ca_pem, crl, loading, session_resumption, ticket_keys)
+        by_listener = {
+            name: _server_context(
+                pair_path,
+                ca_pem,
+                crl,
+                loading,
+                session_resumption,
+                listener_keys(ticket_keys, name) if ticket_keys is not None else None,
+            )
+            for name in listeners
+        }
         client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
         client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
         client_i.check_hostname = False  # identity is checked against server_identity after the handshake
     return Material(
         server_ctx=server,
+        listener_server_ctxs=by_listener,
         client_ctx_hostname=client_h,
         client_ctx_identity=client_i,
         chain=tuple(chain),
@@ -348,6 +370,20 @@ def load_material(
         bundle=bundle,
         authorities={td: certs for td, certs in authorities.items() if td is not None},
     )
+
+
+def _server_context(
+    pair: str, ca_pem: bytes, crl: str | None, loading: str, session_resumption: bool, ticket_keys: bytes | None
+) -> ssl.SSLContext:
+    server = _context(ssl.PROTOCOL_TLS_SERVER, pair, ca_pem, crl, loading)
+    server.verify_mode = ssl.CERT_REQUIRED
+    # TLS 1.3 tickets are sealed with keys random to this context: a reload (new contexts)
+    # makes every ticket issued before it useless, so a resumed peer always resumes trust
+    # material that is still current.
+    server.num_tickets = 1 if session_resumption else 0
+    if ticket_keys is not None and session_resumption and not set_ticket_keys(server, ticket_keys):
+        event(log, logging.WARNING, "cannot share session-ticket keys between workers; tickets stay per worker")
+    return server
 
 
 def chain_problem(chain: Sequence[x509.Certificate], cas: Sequence[x509.Certificate]) -> str | None:

@@ -36,6 +36,13 @@ def fingerprint(paths: Sequence[Path]) -> Fingerprint:
     return tuple(out)
 
 
+def changed(paths: Sequence[Path], before: Fingerprint | None, after: Fingerprint) -> list[Path]:
+    """The paths whose part of the fingerprint differs (all of them when there was none before)."""
+    if before is None or len(before) != len(after):
+        return list(paths)
+    return [path for path, old, new in zip(paths, before, after, strict=True) if old != new]
+
+
 class CertWatcher:
     """Calls ``reload`` once per settled change of ``paths``."""
 
@@ -87,8 +94,10 @@ class CertWatcher:
             if again == fp:
                 break
             fp = again
+        event(
+            log, logging.INFO, "certificate files changed", files=[str(p) for p in changed(self.paths, self._last, fp)]
+        )
         self._last = fp
-        event(log, logging.INFO, "certificate files changed", files=[str(p) for p in self.paths])
         await self._reload()
 
     async def _inotify(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -106,17 +107,22 @@ class CertFactory:
         not_before: datetime | None = None,
         not_after: datetime | None = None,
         folder: Path | None = None,
+        common_name: str | None = None,
+        **issue: Any,
     ) -> CertFiles:
+        """``spiffe``: "" for ``spiffe://mesh.local/NAME``, None for no URI SAN; ``common_name``
+        defaults to ``name``; ``issue``: more of ``pki.issue``'s arguments (key, extended_key_usages)."""
         self._n += 1
         spiffe_ids = [] if spiffe is None else [spiffe or f"{TD}/{name}"]
         issued = pki.issue(
             self.ca,
-            common_name=name,
+            common_name=name if common_name is None else common_name,
             spiffe_ids=spiffe_ids,
             dns_names=list(dns),
             organizational_units=list(ous),
             not_before=not_before,
             not_after=not_after,
+            **issue,
         )
         out = folder or self.root / f"{name}-{self._n}"
         out.mkdir(parents=True, exist_ok=True)
@@ -200,9 +206,52 @@ def tls_section(leaf: CertFiles, ca_file: Path, crl: Path | None = None) -> dict
     return out
 
 
-def start_sidecar(config: Path, *, env: dict[str, str] | None = None) -> SidecarProcess:
+def inbound_config(
+    path: Path, leaf: CertFiles, ca_file: Path, listeners: dict[str, tuple[str, list[str]]], **top: Any
+) -> Path:
+    """A config of inbound listeners on 127.0.0.1:0, name -> (forward address, allow); ``top``: more
+    top-level sections (limits, admin, log...)."""
+    return write_config(
+        path,
+        {
+            "tls": tls_section(leaf, ca_file),
+            "inbound": [
+                {"name": name, "listen": "127.0.0.1:0", "forward": forward, "allow": allow}
+                for name, (forward, allow) in listeners.items()
+            ],
+            **top,
+        },
+    )
+
+
+# SPIFFE IDs a raw string match of ``spiffe://mesh.local/jobs/*`` or ``/jobs/**`` would admit, and the
+# SPIFFE-ID standard forbids (issue 16): each must match no pattern at all.
+SPIFFE_TRICKS = (
+    f"{TD}/jobs/x?y=1",
+    f"{TD}/jobs/x#f",
+    f"{TD}/jobs/..",
+    f"{TD}/jobs/.",
+    f"{TD}/jobs/%2e%2e",
+    f"{TD}/jobs/../admin",
+    f"{TD}/jobs/x/../../admin",
+    f"{TD}/jobs//x",
+    f"{TD}/jobs/x/",
+    "spiffe://MESH.local/jobs/x",
+    "SPIFFE://mesh.local/jobs/x",
+    "spiffe://mesh.local:443/jobs/x",
+    "spiffe://evil@mesh.local/jobs/x",
+)
+
+
+def start_sidecar(config: Path, *, env: dict[str, str] | None = None, max_fds: int | None = None) -> SidecarProcess:
+    """``sidecar run -c config``, ready; ``max_fds``: its open-files limit (RLIMIT_NOFILE), to exhaust."""
     log_path = config.with_suffix(".log")
     log_file = open(log_path, "wb")  # noqa: SIM115 - owned by the process for its life
+
+    def limit() -> None:
+        if max_fds is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "run", "-c", str(config)],
         stdin=subprocess.DEVNULL,
@@ -210,6 +259,7 @@ def start_sidecar(config: Path, *, env: dict[str, str] | None = None) -> Sidecar
         stderr=log_file,
         env={**os.environ, **(env or {})},
         start_new_session=True,  # its own process group: teardown kills its workers too
+        preexec_fn=limit if max_fds is not None else None,
     )
     log_file.close()
     sc = SidecarProcess(config, proc, log_path)
@@ -341,6 +391,23 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
         chunks.append(data)
         got += len(data)
     return b"".join(chunks)
+
+
+def tls_call(
+    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None, payload: bytes = b"ping"
+) -> tuple[bytes, ssl.SSLSession | None, bool]:
+    """One TLS call to 127.0.0.1:port, offering ``session``: (answer, the session to resume with
+    next, whether this one resumed). A refusal answers b""; the ticket of a refused handshake is
+    still returned (TLS 1.3 sends it right after the handshake)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s,
+    ):
+        s.sendall(payload)
+        answer = b""
+        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            answer = recv_exactly(s, len(payload))
+        return answer, s.session, s.session_reused
 
 
 def refused(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping") -> bool:

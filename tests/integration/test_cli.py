@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from support import CertFactory, CertFiles, tls_section, write_config
+
+from sidecar.pinning import pin_of_der
 
 
 def sidecar(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -79,6 +82,8 @@ CONFIG_ERRORS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "negative_duration": (_set("limits.drain_timeout", "-1s"), "limits.drain_timeout"),
     "empty_allow": (_set("inbound.0.allow", []), "inbound[0].allow"),
     "bad_pattern": (_set("inbound.0.allow", ["spiffe://mesh.local/fr*nt"]), "inbound[0].allow[0]"),
+    "invalid_spiffe_pattern": (_set("inbound.0.allow", ["*", "spiffe://mesh.local/a/../*"]), "inbound[0].allow[1]"),
+    "bad_pin": (_set("outbound.0.server_identity", ["spki-sha256:AAAA"]), "outbound[0].server_identity[0]"),
     "unknown_pattern_kind": (_set("outbound.0.server_identity", ["ip:10.0.0.1"]), "outbound[0].server_identity[0]"),
     "bad_max_connections": (_set("limits.max_connections", 0), "limits.max_connections"),
     "bad_log_level": (_set("log", {"level": "chatty"}), "log.level"),
@@ -179,6 +184,30 @@ def test_check_good_config_prints_the_identity(tmp_path: Path, ca: CertFactory, 
     assert result.returncode == 0, result.stderr
     assert "spiffe://mesh.local/orders" in result.stdout
     assert len(result.stdout.strip().splitlines()) == 1
+    # the identity's pin, ready to paste into a peer's allow or server_identity
+    pin = "spki-sha256:" + pin_of_der(server_leaf.issued.cert.public_bytes(serialization.Encoding.DER))
+    assert f"pin {pin};" in result.stdout
+
+
+def test_pki_pin_prints_the_pin_of_the_first_certificate(tmp_path: Path, ca: CertFactory) -> None:
+    leaf = ca.leaf("pinned")
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(leaf.cert.read_bytes() + ca.ca_file.read_bytes())  # leaf first, then the CA
+    result = sidecar("pki", "pin", str(chain))
+    assert result.returncode == 0, result.stderr
+    pin = pin_of_der(leaf.issued.cert.public_bytes(serialization.Encoding.DER))
+    assert result.stdout == f"spki-sha256:{pin}\n"
+    # what it prints is a pattern the config accepts
+    cfg = good_config(ca, leaf)
+    cfg["inbound"][0]["allow"] = [result.stdout.strip()]
+    assert sidecar("check", "-c", str(write_config(tmp_path / "pinned.yaml", cfg))).returncode == 0
+
+
+def test_pki_pin_of_a_missing_or_bad_file_is_one_line(tmp_path: Path) -> None:
+    assert_user_error(sidecar("pki", "pin", str(tmp_path / "nope.pem")), "nope.pem")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    assert_user_error(sidecar("pki", "pin", str(junk)), "junk.pem")
 
 
 def test_check_summarises_a_transparent_only_config(tmp_path: Path, ca: CertFactory, server_leaf: CertFiles) -> None:

@@ -6,10 +6,7 @@ every earlier ticket and cached session useless; cached sessions expire; it can 
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import socket
-import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +22,7 @@ from support import (
     plain_connect,
     recv_exactly,
     start_sidecar,
+    tls_call,
     tls_section,
     wait_for,
     write_config,
@@ -71,21 +69,6 @@ def app_call(port: int, payload: bytes = b"ping") -> bytes:
         return recv_exactly(s, len(payload))
 
 
-def direct(
-    port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None = None
-) -> tuple[bytes, ssl.SSLSession | None, bool]:
-    """A TLS client call straight to an inbound listener: (answer, session to resume with, resumed?)."""
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s,
-    ):
-        s.sendall(b"ping")
-        answer = b""
-        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
-            answer = recv_exactly(s, 4)
-        return answer, s.session, s.session_reused
-
-
 def resumed_flags(sc: SidecarProcess, n: int) -> list[bool]:
     return [r["resumed"] for r in sc.wait_access(n)]
 
@@ -118,10 +101,10 @@ def test_a_resumed_peer_is_still_held_to_allow(
     inbound = start_sidecar(inbound_config(tmp_path / "in.yaml", ca.leaf("orders"), ca, backend))
     sidecars.append(inbound)
     stranger = client_context(ca.leaf("stranger"), ca.ca_file)
-    answer, session, _ = direct(inbound.port("orders"), stranger)
+    answer, session, _ = tls_call(inbound.port("orders"), stranger)
     assert answer == b""
     assert session is not None and session.has_ticket  # the ticket came with the (denied) handshake
-    answer, _, reused = direct(inbound.port("orders"), stranger, session)
+    answer, _, reused = tls_call(inbound.port("orders"), stranger, session)
     assert reused and answer == b""
     records = inbound.wait_access(2)
     assert [(r["outcome"], r["resumed"]) for r in records] == [("denied", False), ("denied", True)]
@@ -134,12 +117,12 @@ def test_inbound_reload_invalidates_every_ticket(
     inbound = start_sidecar(inbound_config(tmp_path / "in.yaml", ca.leaf("orders"), ca, backend))
     sidecars.append(inbound)
     frontend = client_context(ca.leaf("frontend"), ca.ca_file)
-    _, session, _ = direct(inbound.port("orders"), frontend)
-    answer, _, reused = direct(inbound.port("orders"), frontend, session)
+    _, session, _ = tls_call(inbound.port("orders"), frontend)
+    answer, _, reused = tls_call(inbound.port("orders"), frontend, session)
     assert answer == b"ping" and reused
     inbound.signal(signal.SIGHUP)
     wait_for(lambda: any(r.get("msg") == "certificates reloaded" for r in inbound.logs()))
-    answer, _, reused = direct(inbound.port("orders"), frontend, session)
+    answer, _, reused = tls_call(inbound.port("orders"), frontend, session)
     assert answer == b"ping" and not reused
     assert resumed_flags(inbound, 3) == [False, True, False]
 
@@ -152,10 +135,10 @@ def test_every_worker_opens_every_workers_tickets_until_a_reload(
     inbound = start_sidecar(inbound_config(tmp_path / "in.yaml", ca.leaf("orders"), ca, backend, workers=2))
     sidecars.append(inbound)
     frontend = client_context(ca.leaf("frontend"), ca.ca_file)
-    _, session, _ = direct(inbound.port("orders"), frontend)
+    _, session, _ = tls_call(inbound.port("orders"), frontend)
     calls = 20  # with keys per worker about half would fall back to a full handshake
     for _ in range(calls):
-        answer, _, reused = direct(inbound.port("orders"), frontend, session)
+        answer, _, reused = tls_call(inbound.port("orders"), frontend, session)
         assert answer == b"ping" and reused
     records = inbound.wait_access(calls + 1)
     assert {r["worker"] for r in records[1:]} == {0, 1}  # both workers took some
@@ -163,7 +146,7 @@ def test_every_worker_opens_every_workers_tickets_until_a_reload(
     inbound.signal(signal.SIGHUP)
     wait_for(lambda: any(r.get("msg") == "certificates reloaded" for r in inbound.logs()))
     for _ in range(4):
-        answer, _, reused = direct(inbound.port("orders"), frontend, session)
+        answer, _, reused = tls_call(inbound.port("orders"), frontend, session)
         assert answer == b"ping" and not reused
 
 
@@ -232,7 +215,7 @@ def test_resumption_can_be_turned_off(
     )
     sidecars.append(inbound)
     frontend = client_context(ca.leaf("frontend"), ca.ca_file)
-    _, session, _ = direct(inbound.port("orders"), frontend)
+    _, session, _ = tls_call(inbound.port("orders"), frontend)
     assert session is None or not session.has_ticket  # no ticket is issued at all
     outbound = start_sidecar(
         outbound_config(

@@ -11,7 +11,18 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.config import Address, Config, Limits, TLSFiles, TLSWorkloadAPI, load, parse, parse_address, parse_duration
+from sidecar.config import (
+    Address,
+    Config,
+    Limits,
+    TLSFiles,
+    TLSWorkloadAPI,
+    load,
+    loads,
+    parse,
+    parse_address,
+    parse_duration,
+)
 from sidecar.errors import ConfigError, SidecarError
 
 BASE = Path("/etc/sidecar")
@@ -189,6 +200,38 @@ def test_bad_pattern_names_its_index() -> None:
     data = minimal()
     data["inbound"][0]["allow"] = ["spiffe://mesh.local/ok", "spiffe://mesh.local/fr*nt"]
     assert parse_error(data).startswith("inbound[0].allow[1]:")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        ("spiffe://mesh.local/jobs/../*", "'.' or '..'"),
+        ("spiffe://Mesh.local/jobs/*", "lower case"),
+        ("spiffe://mesh.local/jobs?x=1", "no query"),
+        ("spki-sha256:AAAA", "decodes to 3 bytes"),
+        ("spki-sha256:%%%%", "not standard base64"),
+    ],
+)
+def test_bad_spiffe_or_pin_pattern_names_its_yaml_path(pattern: str, why: str) -> None:
+    data = minimal(outbound=[{"name": "billing", "listen": "127.0.0.1:0", "upstream": "b.mesh:443"}])
+    data["inbound"][0]["allow"] = ["*", pattern]
+    message = parse_error(data)
+    assert message.startswith("inbound[0].allow[1]:") and why in message, message
+    data["inbound"][0]["allow"] = ["*"]
+    data["outbound"][0]["server_identity"] = [pattern]
+    message = parse_error(data)
+    assert message.startswith("outbound[0].server_identity[0]:") and why in message, message
+
+
+def test_pin_patterns_load_in_allow_and_server_identity() -> None:
+    pin = "spki-sha256:" + "A" * 43 + "="
+    data = minimal(
+        outbound=[{"name": "b", "listen": "127.0.0.1:0", "upstream": "b.mesh:443", "server_identity": [pin]}]
+    )
+    data["inbound"][0]["allow"] = [pin]
+    cfg = parse(data, base_dir=BASE)
+    assert cfg.inbound[0].allow[0].kind == "spki"
+    assert cfg.outbound[0].server_identity is not None and cfg.outbound[0].server_identity[0].kind == "spki"
 
 
 def test_duplicate_listener_names_are_refused() -> None:
@@ -375,3 +418,42 @@ def test_unknown_key_beside_workload_api_is_named() -> None:
 
 def test_files_are_still_the_default_source() -> None:
     assert isinstance(parse(minimal(), base_dir=BASE).tls, TLSFiles)
+
+
+# -- what the fuzzer found (fuzz/targets.py: any bytes give a Config or a one-line ConfigError) ------
+
+GOOD = b"tls: {cert: c, key: k, ca: ca}\ninbound: [{name: x, listen: '0.0.0.0:1', forward: 'h:2', allow: ['*']}]\n"
+
+
+def loads_error(raw: bytes) -> str:
+    with pytest.raises(ConfigError) as info:
+        loads(raw, base_dir=BASE, path=BASE / "sidecar.yaml")
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    return message
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (GOOD + b"# caf\xe9\n", "not UTF-8 text"),  # found by the fuzzer: a traceback before
+        (b"when: 2001-13-01\n", "month must be in 1..12"),  # YAML's timestamp, built by datetime
+        (b"[" * 5000, "nested too deeply"),
+        (GOOD + b'"a\\nb": 1\n', "'a\\nb': unknown key"),
+        (GOOD.replace(b"h:2", b'"a\\nb:c:2"'), "in brackets"),
+        (GOOD + b"limits: {handshake_timeout: .nan}\n", "finite"),
+        (GOOD + b"limits: {drain_timeout: .inf}\n", "finite"),
+        (GOOD + b"limits: {idle_timeout: " + b"9" * 400 + b"h}\n", "finite"),
+        (GOOD.replace(b"cert: c", b"cert: '~nosuchuser-h16/c'"), "cannot expand the home folder"),
+        (GOOD.replace(b"cert: c", b'cert: "c\\0d"'), "tls.cert: expected a file path"),
+    ],
+)
+def test_odd_bytes_are_one_line_config_errors(raw: bytes, why: str) -> None:
+    message = loads_error(raw)
+    assert why in message, message
+
+
+def test_loads_is_load_without_the_disk(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_bytes(GOOD)
+    assert load(path) == loads(GOOD, base_dir=tmp_path, path=path)

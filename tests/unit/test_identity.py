@@ -11,7 +11,16 @@ from typing import Any
 import pytest
 
 from sidecar import pki
-from sidecar.identity import PeerIdentity, from_certificate, from_peercert, is_allowed, parse_pattern
+from sidecar.identity import (
+    PeerIdentity,
+    Verdict,
+    decide,
+    from_certificate,
+    from_peercert,
+    is_allowed,
+    parse_pattern,
+)
+from tests.support import SPIFFE_TRICKS
 
 TD = "spiffe://mesh.local"
 
@@ -50,6 +59,55 @@ def test_uri_is_case_sensitive() -> None:
 def test_any_scheme_is_a_uri_pattern() -> None:
     assert matches("https://idp.example/users/7", uri("https://idp.example/users/7"))
     assert not matches("https://idp.example/users/7", uri("https://idp.example/users/70"))
+
+
+def test_other_schemes_match_exactly_and_are_not_validated() -> None:
+    odd = "https://idp.example/users/../7?x=1#f"
+    assert matches(odd, uri(odd))
+    assert not matches(odd, uri("https://idp.example/users/7"))
+    assert decide(uri("https://idp.example/a"), [parse_pattern("https://idp.example/b")]) is Verdict.NOT_ALLOWED
+
+
+# -- SPIFFE ID tricks: an invalid SPIFFE ID matches no pattern, exact or wildcard ------------------
+
+
+@pytest.mark.parametrize("trick", [*SPIFFE_TRICKS, f"{TD}/jobs/x\n"])
+@pytest.mark.parametrize("pattern", [f"{TD}/jobs/*", f"{TD}/jobs/**", f"{TD}/*", f"{TD}/**"])
+def test_invalid_spiffe_id_matches_no_wildcard(trick: str, pattern: str) -> None:
+    peer = uri(trick)
+    assert peer.invalid_spiffe_ids == (trick,)
+    assert not matches(pattern, peer)
+    assert decide(peer, [parse_pattern(pattern)]) is Verdict.INVALID_SPIFFE_ID
+
+
+def test_invalid_spiffe_id_matches_no_exact_pattern_even_its_own_text() -> None:
+    # the pattern itself cannot be written (it is refused at load), so build the match by hand
+    from sidecar.identity import Pattern
+
+    trick = f"{TD}/jobs/.."
+    assert not Pattern(trick, "uri", trick).matches(uri(trick))
+
+
+def test_other_identities_of_a_peer_with_an_invalid_spiffe_id_still_count() -> None:
+    # contract section 2: a peer is allowed when any identity matches; the invalid one matches nothing
+    peer = PeerIdentity(uris=(f"{TD}/jobs/..",), dns_names=("jobs.mesh.local",))
+    assert decide(peer, [parse_pattern("dns:jobs.mesh.local")]) is Verdict.ALLOWED
+    assert decide(peer, [parse_pattern(f"{TD}/jobs/*")]) is Verdict.INVALID_SPIFFE_ID
+    # "*" is any peer that passed verification, whatever its SANs say
+    assert decide(peer, [parse_pattern("*")]) is Verdict.ALLOWED
+
+
+def test_a_valid_and_an_invalid_spiffe_id_on_one_certificate() -> None:
+    peer = uri(f"{TD}/jobs/..", f"{TD}/jobs/nightly")
+    assert peer.matchable_uris == (f"{TD}/jobs/nightly",)
+    assert decide(peer, [parse_pattern(f"{TD}/jobs/*")]) is Verdict.ALLOWED
+    assert decide(peer, [parse_pattern(f"{TD}/admin")]) is Verdict.INVALID_SPIFFE_ID
+
+
+def test_verdicts_are_the_access_record_reasons() -> None:
+    assert [v.value for v in Verdict] == ["allowed", "not_allowed", "invalid_spiffe_id"]
+    assert decide(uri(f"{TD}/stranger"), [parse_pattern(f"{TD}/frontend")]) is Verdict.NOT_ALLOWED
+    assert decide(uri(f"{TD}/frontend"), []) is Verdict.NOT_ALLOWED
 
 
 def test_single_star_is_exactly_one_more_segment() -> None:
@@ -187,6 +245,34 @@ def test_is_allowed_is_any_of_and_fails_closed() -> None:
         "CN:billing",  # kinds are lower-case
         "frontend",  # no kind at all
         "**",
+        # SPIFFE patterns must be valid SPIFFE IDs (or valid prefixes before /* and /**)
+        "spiffe://mesh.local/jobs/..",
+        "spiffe://mesh.local/jobs/../*",
+        "spiffe://mesh.local/jobs/./**",
+        "spiffe://mesh.local/jobs?x=1",
+        "spiffe://mesh.local/jobs#f",
+        "spiffe://mesh.local/jobs/%2e",
+        "spiffe://mesh.local//jobs/*",
+        "spiffe://mesh.local/jobs/",
+        "spiffe://Mesh.Local/jobs",
+        "SPIFFE://mesh.local/jobs",
+        "spiffe:mesh.local/jobs",
+        "spiffe://mesh.local:8443/jobs",
+        "spiffe://user@mesh.local/jobs/*",
+        "spiffe:///*",
+        "spiffe://mesh.local/a\nb",
+        # other URI schemes match exactly: no wildcards
+        "https://idp.example/users/*",
+        "https://idp.example/*/7",
+        # pins
+        "spki-sha256:",
+        "spki-sha256:not base64!",
+        "spki-sha256:AAAA",  # 3 bytes, not 32
+        "spki-sha256:" + "A" * 42 + "B=",  # 32 bytes, but its unused trailing bits are set: not canonical
+        "spki-sha256:" + "A" * 43,  # padding missing
+        "spki-sha256:" + "_" * 43 + "=",  # URL-safe alphabet
+        "SPKI-SHA256:" + "A" * 43 + "=",
+        "spki-sha1:" + "A" * 28,
     ],
 )
 def test_invalid_pattern_raises_value_error(text: Any) -> None:

@@ -479,6 +479,8 @@ def test_write_atomic_cleans_up_on_failure(tmp_path: Path) -> None:
         "spiffe://mesh.local/orders?x=1",
         "spiffe://mesh.local/orders#frag",
         "spiffe://mesh.local/sp ace",
+        "spiffe://mesh.local/orders\n",  # a regular expression's '$' would have let this through
+        "spiffe://mesh.local\n/orders",
     ],
 )
 def test_bad_spiffe_id_is_refused_and_nothing_written(ca_dir: Path, spiffe_id: str) -> None:
@@ -493,14 +495,16 @@ def test_validate_spiffe_id_accepts_good_ids() -> None:
     assert pki.validate_spiffe_id("spiffe://mesh.local", require_path=False) == "spiffe://mesh.local"
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", ".hidden", "x" * 65, "sp ace"])
+@pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", ".hidden", "x" * 65, "sp ace", "orders\n"])
 def test_bad_name_is_refused(ca_dir: Path, name: str) -> None:
     with pytest.raises(PKIError, match="invalid name"):
         pki.issue_to_dir(ca_dir, name)
     assert sorted(p.name for p in ca_dir.iterdir()) == ["ca-key.pem", "ca.pem"]
 
 
-@pytest.mark.parametrize("dns", ["", "-bad.local", "a..b", "bücher.de", "a.*.local", "under score ok"])
+@pytest.mark.parametrize(
+    "dns", ["", "-bad.local", "a..b", "bücher.de", "a.*.local", "under score ok", "orders.local\n"]
+)
 def test_bad_dns_name_is_refused(ca_dir: Path, dns: str) -> None:
     with pytest.raises(PKIError, match="invalid DNS name"):
         pki.issue_to_dir(ca_dir, "orders", dns_names=[dns])
