@@ -239,6 +239,10 @@ class Config:
     path: Path | None = None  # the file it was loaded from
     transparent: Transparent | None = None
 
+    def tls_servers(self) -> tuple[str, ...]:
+        """The listeners that terminate TLS: each gets a server context (and sessions) of its own."""
+        return tuple(i.name for i in self.inbound)
+
 
 def resolve_path(explicit: str | None) -> Path:
     """The config file to use: ``-c``, else ``$SIDECAR_CONFIG``, else ``config/sidecar.yaml``."""

@@ -37,11 +37,15 @@ from .tlsio import TLSEngine
 
 
 class ConnectionPolicy(Policy, Protocol):
-    """A relay policy as the driver needs it: it also makes the engine of its TLS leg, and keeps
-    the sessions its TLS client leg may resume (None: it keeps none)."""
+    """A relay policy as the driver needs it: it also makes the engine of its TLS leg, keeps the
+    sessions its TLS client leg may resume (None: it keeps none), and says whether the peer's
+    identity must carry its key pin."""
 
     @property
     def sessions(self) -> SessionCache | None: ...
+
+    @property
+    def needs_spki(self) -> bool: ...  # whether authorizing needs the peer's key pin
 
     def tls_engine(self) -> TLSEngine: ...
 
@@ -104,7 +108,7 @@ class Connection:
             self._run(self.relay.dialled(now))
 
     def leg_secured(self, leg: TLSLeg) -> None:
-        self._run(self.relay.secured(leg.tls.negotiated(), self.loop.time(), time.time()))
+        self._run(self.relay.secured(leg.tls.negotiated(pin=self.policy.needs_spki), self.loop.time(), time.time()))
         if self.relay.streaming and leg.side is Side.UP and self.policy.sessions is not None:
             leg.after_read = self._keep_session
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .config import Address, Inbound, Outbound, is_ip
-from .identity import Pattern, PeerIdentity, is_allowed
+from .identity import Pattern, PeerIdentity, Verdict, decide, needs_spki
 from .record import Direction
 from .relay import Side
 from .sessions import SessionCache
@@ -20,10 +20,15 @@ from .tlsio import TLSEngine
 
 
 def _refusal(peer: PeerIdentity, patterns: Sequence[Pattern], where: str) -> str | None:
-    if is_allowed(peer, patterns):
+    """Why ``patterns`` (the listener's ``where`` list) refuse ``peer``: the verdict first
+    (``not_allowed`` or ``invalid_spiffe_id``), then the peer and the list it is not in."""
+    verdict = decide(peer, patterns)
+    if verdict is Verdict.ALLOWED:
         return None
     listed = ", ".join(p.text for p in patterns)
-    return f"identity {peer.describe()} is not in {where} [{listed}]"
+    if verdict is Verdict.INVALID_SPIFFE_ID:
+        return f"{verdict}: {', '.join(peer.invalid_spiffe_ids)} is not a valid SPIFFE ID; {where} [{listed}]"
+    return f"{verdict}: identity {peer.describe()} is not in {where} [{listed}]"
 
 
 class InboundPolicy:
@@ -37,9 +42,11 @@ class InboundPolicy:
         self.spec = spec
         self.name = spec.name
         self.store = store
+        self.needs_spki = needs_spki(spec.allow)
 
     def tls_engine(self) -> TLSEngine:
-        return TLSEngine(self.store.material.server_ctx, server_side=True)
+        # this listener's own context: its sessions are never resumed on another listener
+        return TLSEngine(self.store.material.server_ctx_for(self.name), server_side=True)
 
     def target(self) -> Address:
         return self.spec.forward
@@ -59,6 +66,7 @@ class OutboundPolicy:
         self.name = spec.name
         self.store = store
         self.sessions = SessionCache(store.tls.session_lifetime if store.tls.session_resumption else 0.0)
+        self.needs_spki = needs_spki(spec.server_identity or ())
         self._server_hostname = spec.sni or (None if is_ip(spec.upstream.host) else spec.upstream.host)
 
     def tls_engine(self) -> TLSEngine:

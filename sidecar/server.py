@@ -53,7 +53,7 @@ class ControlPlane:
     ) -> None:
         self.cfg = cfg
         self.metrics = Metrics(workers_dir=workers_dir)
-        self.store = TLSStore(cfg.tls, on_reload=self._count_reload, before_publish=push)
+        self.store = TLSStore(cfg.tls, on_reload=self._count_reload, before_publish=push, listeners=cfg.tls_servers())
         self.store.subscribers.append(self._on_material)
         self.watcher = CertWatcher(cfg.tls.paths(), self._reload_quietly)
         self.admin = AdminServer(self, cfg.admin.listen) if cfg.admin is not None else None

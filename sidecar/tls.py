@@ -224,8 +224,10 @@ class TLSStore:
         *,
         on_reload: Callable[[bool, str | None], None] | None = None,
         before_publish: Callable[[Material], Awaitable[list[str]]] | None = None,
+        listeners: Sequence[str] = (),
     ) -> None:
         self.tls = tls
+        self.listeners = tuple(listeners)  # listeners that terminate TLS: each gets its own server context
         self._before_publish = before_publish  # a supervisor hands new material to its workers: problems
         self._material: Material | None = None
         self._on_reload = on_reload
@@ -292,7 +294,11 @@ class TLSStore:
         else:
             raise CertificateError(f"tls.workload_api: no X.509-SVID received from {self.tls.address} yet")
         return load_material(
-            bundle, session_resumption=self.tls.session_resumption, generation=generation, ticket_keys=ticket_keys
+            bundle,
+            session_resumption=self.tls.session_resumption,
+            generation=generation,
+            ticket_keys=ticket_keys,
+            listeners=self.listeners,
         )
 
     def _publish(self, material: Material) -> None:

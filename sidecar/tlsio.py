@@ -77,7 +77,9 @@ class TLSEngine:
         self.established = True
         return True
 
-    def negotiated(self) -> Negotiated:
+    def negotiated(self, *, pin: bool = False) -> Negotiated:
+        """What the handshake settled; ``pin``: the peer's identity carries its key pin (the DER
+        certificate is read only then)."""
         obj = self._obj
         cert = obj.getpeercert()
         cipher = obj.cipher()
@@ -85,7 +87,7 @@ class TLSEngine:
             version=obj.version(),
             cipher=cipher[0] if cipher else None,
             resumed=obj.session_reused,
-            peer=from_peercert(cert),
+            peer=from_peercert(cert, obj.getpeercert(binary_form=True) if pin else None),
             peer_not_after=_not_after(str(cert["notAfter"])) if cert and "notAfter" in cert else None,
         )
 

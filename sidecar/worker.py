@@ -40,7 +40,7 @@ class Worker(Role):
         self.cfg = start.config
         self.handed = start
         self.channel = channel
-        self.store = TLSStore(self.cfg.tls)
+        self.store = TLSStore(self.cfg.tls, listeners=self.cfg.tls_servers())
         # counts go to the supervisor through prometheus_client's multiprocess files
         self.runtime = Runtime(self.cfg, self.store, DataMetrics(CollectorRegistry()))
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import ssl
 
 import pytest
+from support import CertFactory, CertFiles, MemoryLink
 
 from sidecar.config import TLSFiles
 from sidecar.tickets import TICKET_KEYS_SIZE, listener_keys, new_keys
 from sidecar.tls import Material, load_material, read_files
-from support import CertFactory, CertFiles, MemoryLink
 
 
 @pytest.fixture
