@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe._proto import workload_pb2
 from support import CertFactory, CertFiles, MemoryLink, client_context, server_context, write_config
@@ -33,6 +34,7 @@ from workload_api_server import HEADER, WorkloadAPIServer, empty_response, respo
 from sidecar import pki
 from sidecar.config import TLSWorkloadAPI
 from sidecar.errors import WorkloadAPIUnavailable
+from sidecar.identity import PeerIdentity, from_certificate
 from sidecar.tls import TLSStore
 from sidecar.workload_api import Backoff, Link, WorkloadAPISource
 
@@ -81,6 +83,12 @@ async def eventually(predicate: Callable[[], Any], within: float = 5.0) -> Any:
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
     return result
+
+
+def verified(peer: CertFiles, issuer: CertFactory) -> tuple[PeerIdentity, tuple[bytes, ...]]:
+    """``peer``'s identity and the chain OpenSSL verifies for it (leaf, then its CA), DER."""
+    chain = (peer.issued.cert, issuer.ca.cert)
+    return from_certificate(peer.issued.cert), tuple(c.public_bytes(serialization.Encoding.DER) for c in chain)
 
 
 def serial(leaf: CertFiles | pki.Issued) -> str:
@@ -287,8 +295,8 @@ async def test_peers_of_own_and_federated_trust_domains_are_verified(
         # outbound too: the sidecar's client context trusts a partner server
         link = MemoryLink(material.client_ctx(verify_hostname=False), server_context(partner_peer, ca.ca_file))
         link.handshake()
-        assert material.peer_trust_problem([mesh_peer.issued.cert]) is None
-        assert material.peer_trust_problem([partner_peer.issued.cert]) is None
+        assert material.peer_trust_problem(*verified(mesh_peer, ca)) is None
+        assert material.peer_trust_problem(*verified(partner_peer, partner)) is None
 
         agent.push(response(ca.leaf("orders").issued, [ca.ca.cert]))  # the federation ends (spec 4.4)
         await eventually(lambda: store.material.trust_domains == ("mesh.local",))
@@ -299,16 +307,19 @@ async def test_a_federated_ca_cannot_vouch_for_our_trust_domain(
     agent: WorkloadAPIServer, ca: CertFactory, partner: CertFactory
 ) -> None:
     """The union of bundles lets OpenSSL accept a partner-signed cert claiming *our* trust domain;
-    ``peer_trust_problem`` is the check that must refuse it after the handshake."""
+    ``peer_trust_problem`` is the check that must refuse it after the handshake (the TLS engines ask
+    it: tests/unit/test_trust_domains.py; a whole sidecar: test_workload_api_run.py)."""
     impostor = partner.leaf("admin", spiffe="spiffe://mesh.local/admin")
     unknown_td = ca.leaf("elsewhere", spiffe="spiffe://elsewhere.org/x")
     agent.start().push(response(ca.leaf("orders").issued, [ca.ca.cert], {PARTNER: [partner.ca.cert]}))
     async with source_and_store(agent.socket) as (_source, store):
         assert admits(store, impostor, ca.ca_file)  # the TLS layer alone cannot tell
-        problem = store.material.peer_trust_problem([impostor.issued.cert])
-        assert problem is not None and "not issued by any CA in the bundle of its trust domain mesh.local" in problem
-        assert store.material.peer_trust_problem([unknown_td.issued.cert]) == (
-            "no trust bundle for the peer's trust domain elsewhere.org"
+        problem = store.material.peer_trust_problem(*verified(impostor, partner))
+        assert (
+            problem == "spiffe://mesh.local/admin: its chain does not lead to the bundle of its trust domain mesh.local"
+        )
+        assert store.material.peer_trust_problem(*verified(unknown_td, ca)) == (
+            "spiffe://elsewhere.org/x: no trust bundle for its trust domain elsewhere.org"
         )
 
 
