@@ -12,13 +12,11 @@ import asyncio
 import contextlib
 import logging
 import re
-import shutil
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,26 +37,6 @@ from sidecar.tls import TLSStore
 from sidecar.workload_api import Backoff, Link, WorkloadAPISource
 
 PARTNER = "spiffe://partner.org"
-
-
-@pytest.fixture
-def agent_socket() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="sidecar-wlapi-"))  # short: sun_path holds 107 bytes
-    yield folder / "agent.sock"
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def agent(agent_socket: Path) -> Iterator[WorkloadAPIServer]:
-    server = WorkloadAPIServer(agent_socket)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def partner(tmp_path_factory: pytest.TempPathFactory) -> CertFactory:
-    ca = pki.new_ca("partner ca", trust_domain="partner.org")
-    return CertFactory(tmp_path_factory.mktemp("partner"), ca=ca, name="partner")
 
 
 def settings_for(socket: Path) -> TLSWorkloadAPI:

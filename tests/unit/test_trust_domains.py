@@ -24,11 +24,6 @@ from sidecar.tlsio import TLSEngine
 MESH, PARTNER = "mesh.local", "partner.org"
 
 
-@pytest.fixture(scope="module")
-def partner(tmp_path_factory: pytest.TempPathFactory) -> CertFactory:
-    return CertFactory(tmp_path_factory.mktemp("partner"), ca=pki.new_ca("partner ca", trust_domain=PARTNER))
-
-
 def material_of(ca: CertFactory, *federated: CertFactory) -> Material:
     leaf = pki.issue(ca.ca, spiffe_ids=["spiffe://mesh.local/orders"], dns_names=["localhost"])
     trust = (TrustBundle(MESH, ca.ca.cert_pem()), *(TrustBundle(PARTNER, f.ca.cert_pem()) for f in federated))
