@@ -62,9 +62,10 @@ def sidecar_config(folder: Path = KUBE) -> config.Config:
     return config.parse(sidecar_yaml(folder), base_dir=Path("/etc/sidecar/config"))
 
 
+@pytest.mark.parametrize("folder", [KUBE, SPIRE], ids=["base", "spire"])
 @pytest.mark.parametrize("version", VERSIONS)
-def test_core_manifests_pass_strict_validation(version: str) -> None:
-    proc = validate(*(KUBE / name for name in CORE), version=version)
+def test_core_manifests_pass_strict_validation(version: str, folder: Path) -> None:
+    proc = validate(*(folder / name for name in CORE), version=version)
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count(" passed for resource ") == len(CORE), proc.stdout
@@ -161,14 +162,6 @@ def test_certificate_secret_matches_what_the_sidecar_reads() -> None:
 
 
 # -- the SPIRE variant ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("version", VERSIONS)
-def test_spire_variant_passes_strict_validation(version: str) -> None:
-    proc = validate(*(SPIRE / name for name in CORE), version=version)
-    print(proc.stdout, proc.stderr)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count(" passed for resource ") == len(CORE), proc.stdout
 
 
 def _without(items: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
