@@ -256,6 +256,33 @@ async def test_an_agent_restart_is_survived_and_logged_once_each_way(
     assert messages.count("Workload API connected") == 1
 
 
+async def test_a_stream_that_dies_of_a_bug_is_logged_at_once(
+    agent: WorkloadAPIServer, ca: CertFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only ``stop`` should end the stream's task; if anything else does, no certificate will come
+    any more, and the log must say so when it happens, not at shutdown."""
+    agent.start().push(response(ca.leaf("orders").issued, [ca.ca.cert]))
+    seen: list[bool] = []
+
+    class Watching:
+        def updated(self, result: str) -> None:
+            pass
+
+        def connected(self, up: bool) -> None:
+            seen.append(up)
+
+    async def broken(bundle: object) -> None:
+        raise RuntimeError("a bug in publishing")
+
+    source = WorkloadAPISource(settings_for(agent.socket), broken, observer=Watching())
+    with pytest.raises(WorkloadAPIUnavailable, match=r"stream stopped: RuntimeError\('a bug in publishing'\)"):
+        await source.start(5.0)  # at once, not after the deadline
+    records = [r for r in caplog.records if "stopped for good" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info is not None
+    assert source.status().link is Link.DOWN and seen == [True, False]
+    await source.stop()
+
+
 # -- trust: own and federated bundles --------------------------------------------------------------
 
 

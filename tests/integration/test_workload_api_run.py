@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -40,6 +41,7 @@ from support import (
     TLSConn,
     TLSServer,
     admin_request,
+    children,
     client_context,
     kill,
     peer_serial,
@@ -451,7 +453,8 @@ def test_every_worker_serves_each_pushed_svid(
     sidecars: list[SidecarProcess],
 ) -> None:
     agent.start().push(response(new_svid(ca), [ca.ca.cert]))
-    sc = start_sidecar(wl_config(tmp_path / "orders.yaml", agent, inbound=orders_inbound(backend), workers=2))
+    cfg = wl_config(tmp_path / "orders.yaml", agent, inbound=orders_inbound(backend), workers=2)
+    sc = start_sidecar(cfg, env={"SIDECAR_WORKER_PUSH_TIMEOUT": "1"})
     sidecars.append(sc)
     port, ctx = sc.port("orders"), client_context(client_leaf, ca.ca_file)
     rotated = new_svid(ca)
@@ -463,8 +466,22 @@ def test_every_worker_serves_each_pushed_svid(
     records = sc.wait_access(connections, "orders")
     assert {r["worker"] for r in records} == {0, 1}
     assert admin_request(sc, "POST", "/reload").status == 200  # rebuilt from the newest SVID, in every worker
+
+    # A worker that does not confirm an update is named and restarted with it; the stream goes on.
+    stuck = children(sc.proc.pid)[0]
+    os.kill(stuck, signal.SIGSTOP)  # alive, but answers nothing
+    try:
+        third = new_svid(ca)
+        agent.push(response(third, [ca.ca.cert]))
+        wait_for(lambda: scrape(sc).value("sidecar_workload_api_updates_total", result="worker_error") == 1, 10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed and reaped by then, as it should be
+            os.kill(stuck, signal.SIGCONT)
+    wait_for(lambda: stuck not in children(sc.proc.pid) and len(children(sc.proc.pid)) == 2, 10)
+    wait_for(lambda: admin_request(sc, "GET", "/readyz").status == 200, 10)
+    assert {peer_serial(port, ctx) for _ in range(connections)} == {third.cert.serial_number}
     s = scrape(sc)
     assert s.value("sidecar_workload_api_updates_total", result="ok") == 2
-    assert s.value("sidecar_workload_api_updates_total", result="worker_error") == 0
-    assert s.value("sidecar_cert_reloads_total", result="ok") == 2
-    assert agent.streams == 1  # only the supervisor holds the stream
+    assert s.value("sidecar_workload_api_connected") == 1
+    assert s.value("sidecar_cert_reloads_total", result="ok") == 2  # the update and the POST
+    assert agent.streams == 1  # only the supervisor holds the stream, and it never broke
