@@ -196,8 +196,8 @@ class Material:
 
 class TrustDomains:
     """The CAs of each trust domain, for the check made after every handshake: a bundle vouches
-    only for its own trust domain (SPIFFE Workload API 4.6), so a federated CA cannot vouch for a
-    peer claiming ours, whereas OpenSSL, which verifies against the union of the bundles, would.
+    only for its own trust domain, so a federated CA cannot vouch for a peer claiming ours,
+    whereas OpenSSL, which verifies against the union of the bundles, would.
 
     A peer must carry exactly one SPIFFE ID, its trust domain must have a bundle, and the chain
     OpenSSL verified must hold a CA of that bundle. A resumed session has no chain (OpenSSL
