@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -24,6 +24,9 @@ from .errors import SidecarError
 from .logs import event
 from .metrics import Metrics
 from .tls import CertInfo, Material, TLSStore
+
+if TYPE_CHECKING:
+    from .workload_api import Status as SourceStatus
 
 log = logging.getLogger("sidecar.admin")
 
@@ -44,6 +47,8 @@ class Status(Protocol):
     def metrics(self) -> Metrics: ...
 
     def not_ready_reasons(self) -> list[str]: ...
+
+    def source_status(self) -> SourceStatus | None: ...  # the Workload API stream (None: files)
 
     async def reload(self) -> Material:
         """Reload now; raises ``SidecarError`` (old material kept, or not every worker has it)."""
@@ -128,6 +133,7 @@ class AdminServer:
         material = store.material
         return _json(
             {
+                **source_json(material, self.status.source_status()),
                 "identity": identity_json(material),
                 "ca_certs": [
                     {"subject": ca.subject, "not_after": _iso(ca.not_after), "sha256": ca.sha256}
@@ -162,6 +168,27 @@ class AdminServer:
         async with self._reloading:
             self._queued = None  # from here on, newcomers need a reload that starts after this one
             return await self.status.reload()
+
+
+def source_json(material: Material, stream: SourceStatus | None) -> dict[str, Any]:
+    """Where ``/certs``'s material comes from: ``files``, or ``workload_api`` with the socket, the
+    bundle's trust domains and the stream's state."""
+    if stream is None:
+        return {"source": material.source}
+    last_update = datetime.fromtimestamp(stream.last_update, UTC) if stream.last_update is not None else None
+    return {
+        "source": material.source,
+        "socket": stream.address,
+        "trust_domains": list(material.trust_domains),
+        "workload_api": {
+            "connected": stream.link == "up",
+            "updates": stream.updates,
+            "refused": stream.refused,
+            "disconnects": stream.disconnects,
+            "last_update": _iso(last_update) if last_update is not None else None,
+            "last_error": stream.last_error,
+        },
+    }
 
 
 def identity_json(material: Material) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""The few OpenSSL calls Python's ``ssl`` module does not make, or makes at a cost, through ctypes.
+"""The few OpenSSL calls Python's ``ssl`` module does not make, or makes at a cost, through ctypes:
+offering a session without copying it, sharing ticket keys (``tickets.py``), and reading the chain
+OpenSSL verified for the peer (Python 3.11 shows only the peer's leaf).
 
 The calls go into the very libssl the ``_ssl`` module uses (dlsym on its handle searches its
 dependencies), and reach the ``SSL_CTX``, ``SSL`` and ``SSL_SESSION`` behind a Python object by
@@ -6,8 +8,9 @@ CPython's layout of those objects: its pointer is the first field after ``PyObje
 ``SSL`` of an ``SSLObject`` comes after one more pointer). That layout is the same from 3.8 to 3.13;
 on any other interpreter nothing here is used. Before a pointer is used it is checked against what
 Python itself reports of the object (a context's options, a session's time, timeout and id, the
-context an ``SSL`` belongs to); a mismatch returns None or False, and callers then take the plain
-``ssl`` way, which costs speed, never security.
+context an ``SSL`` belongs to, the leaf Python reports for the peer); a mismatch returns None or
+False, and callers then take the plain ``ssl`` way, which costs speed, or refuse what they cannot
+check, never admit it.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ def _load() -> ctypes.CDLL | None:
             "SSL_SESSION_get_protocol_version": (ctypes.c_int, [ctypes.c_void_p]),
             "SSL_SESSION_is_resumable": (ctypes.c_int, [ctypes.c_void_p]),
             "SSL_SESSION_get_id": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint)]),
+            "SSL_get0_verified_chain": (ctypes.c_void_p, [ctypes.c_void_p]),
+            "OPENSSL_sk_num": (ctypes.c_int, [ctypes.c_void_p]),
+            "OPENSSL_sk_value": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int]),
+            "i2d_X509": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]),
         }
         for name, (restype, argtypes) in signatures.items():
             fn = getattr(lib, name)
@@ -77,21 +84,70 @@ def resume(sslobj: ssl.SSLObject, ctx: ssl.SSLContext, session: ssl.SSLSession) 
     change it, so one session can be offered on any number of connections. Returns
     False when the pointers do not check out; the caller then sets ``sslobj.session``.
     """
-    ctx_pointer = context_pointer(ctx)
-    inner: Any = getattr(sslobj, "_sslobj", None)
-    if ctx_pointer is None or lib is None or _SSL_SOCKET is None or type(inner) is not _SSL_SOCKET:
-        return False
-    if type(session) is not _ssl.SSLSession or getattr(inner, "context", None) is not ctx:
+    ssl_pointer = _ssl_pointer(sslobj, ctx)
+    if ssl_pointer is None or lib is None or type(session) is not _ssl.SSLSession:
         return False
     if _field(session, _POINTER) != id(ctx):  # the session's own context (after its SSL_SESSION *)
-        return False
-    ssl_pointer = _field(inner, _POINTER)  # after the ``Socket`` weak reference
-    if not ssl_pointer or lib.SSL_get_SSL_CTX(ssl_pointer) != ctx_pointer:
         return False
     if lib.SSL_is_server(ssl_pointer) or not lib.SSL_in_before(ssl_pointer):
         return False
     session_pointer = _session_pointer(session)
     return session_pointer is not None and lib.SSL_set_session(ssl_pointer, session_pointer) == 1
+
+
+MAX_CHAIN = 16  # longer verified chains than this are not read (OpenSSL's default depth is 100; ours are 2-4)
+
+
+def verified_chain(sslobj: ssl.SSLObject, ctx: ssl.SSLContext) -> tuple[bytes, ...] | None:
+    """The chain OpenSSL verified for the peer of ``sslobj`` (of ``ctx``), leaf first, each DER.
+
+    None when there is none (no handshake yet, a resumed session: OpenSSL verifies nothing then)
+    or it cannot be read safely: the pointers do not check out, or the leaf read differs from the
+    one Python reports. Python 3.13's own ``get_verified_chain`` is used where it exists.
+    """
+    try:
+        leaf = sslobj.getpeercert(binary_form=True)
+    except ValueError:  # no handshake yet
+        return None
+    native = getattr(sslobj, "get_verified_chain", None)  # Python 3.13 and later: DER, leaf first
+    chain = tuple(native()) if native is not None else _read_verified_chain(sslobj, ctx)
+    return chain if chain and chain[0] == leaf else None
+
+
+def _read_verified_chain(sslobj: ssl.SSLObject, ctx: ssl.SSLContext) -> tuple[bytes, ...] | None:
+    ssl_pointer = _ssl_pointer(sslobj, ctx)
+    if ssl_pointer is None or lib is None:
+        return None
+    stack = lib.SSL_get0_verified_chain(ssl_pointer)
+    count = lib.OPENSSL_sk_num(stack) if stack else 0
+    if not 0 < count <= MAX_CHAIN:
+        return None
+    chain = []
+    for index in range(count):
+        cert = lib.OPENSSL_sk_value(stack, index)
+        size = lib.i2d_X509(cert, None) if cert else 0
+        if size <= 0:
+            return None
+        buffer = ctypes.create_string_buffer(size)
+        cursor = ctypes.c_void_p(ctypes.addressof(buffer))  # i2d_X509 writes there and moves it on
+        if lib.i2d_X509(cert, ctypes.byref(cursor)) != size:
+            return None
+        chain.append(buffer.raw)
+    return tuple(chain)
+
+
+def _ssl_pointer(sslobj: ssl.SSLObject, ctx: ssl.SSLContext) -> int | None:
+    """The ``SSL *`` behind ``sslobj``, when it belongs to ``ctx`` as far as OpenSSL is concerned."""
+    ctx_pointer = context_pointer(ctx)
+    inner: Any = getattr(sslobj, "_sslobj", None)
+    if ctx_pointer is None or lib is None or _SSL_SOCKET is None or type(inner) is not _SSL_SOCKET:
+        return None
+    if getattr(inner, "context", None) is not ctx:
+        return None
+    ssl_pointer = _field(inner, _POINTER)  # after the ``Socket`` weak reference
+    if not ssl_pointer or lib.SSL_get_SSL_CTX(ssl_pointer) != ctx_pointer:
+        return None
+    return ssl_pointer
 
 
 def _session_pointer(session: ssl.SSLSession) -> int | None:

@@ -142,6 +142,34 @@ class Metrics(DataMetrics):
         self.cert_loaded.set(material.loaded_at)
 
 
+WORKLOAD_API_RESULTS = ("ok", "refused", "worker_error")  # what became of an update (workload_api.Observer)
+
+
+class WorkloadAPIMetrics:
+    """The control plane's families when ``tls.workload_api`` is set (only then: a sidecar reading
+    files shows no Workload API series). The source reports to it (``workload_api.Observer``)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.updates = Counter(
+            "sidecar_workload_api_updates_total",
+            "X.509-SVID updates from the Workload API, by what became of them.",
+            ["result"],
+            registry=registry,
+        )
+        self.up = Gauge(
+            "sidecar_workload_api_connected",
+            "1 while the Workload API stream is open and answering, else 0 (the current material stays in use).",
+            registry=registry,
+        )
+        self._results = {result: self.updates.labels(result=result) for result in WORKLOAD_API_RESULTS}
+
+    def updated(self, result: str) -> None:
+        self._results[result].inc()
+
+    def connected(self, up: bool) -> None:
+        self.up.set(1 if up else 0)
+
+
 class ListenerMetrics:
     """One listener's label-bound metric children, and what they count from a connection's life."""
 

@@ -3,7 +3,9 @@
 Inbound: we terminate TLS on the connecting side (client certificate required), check ``allow``,
 then dial ``forward``. Outbound: we dial ``upstream`` first, originate TLS (offering the newest
 session from that upstream), check ``server_identity`` (or, without it, OpenSSL checks the host
-name), then let the app's bytes through. A policy only decides; the driver does the I/O.
+name), then let the app's bytes through. Both hand their TLS engine the material's trust-domain check
+(``Material.vet``: Workload API material only), which the relay enforces before ``authorize``.
+A policy only decides; the driver does the I/O.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class InboundPolicy:
 
     def tls_engine(self) -> TLSEngine:
         # this listener's own context: its sessions are never resumed on another listener
-        return TLSEngine(self.store.material.server_ctx_for(self.name), server_side=True)
+        material = self.store.material
+        return TLSEngine(material.server_ctx_for(self.name), server_side=True, vet=material.vet)
 
     def target(self) -> Address:
         return self.spec.forward
@@ -70,8 +73,12 @@ class OutboundPolicy:
         self._server_hostname = spec.sni or (None if is_ip(spec.upstream.host) else spec.upstream.host)
 
     def tls_engine(self) -> TLSEngine:
-        ctx = self.store.material.client_ctx(verify_hostname=self.spec.server_identity is None)
-        return TLSEngine(ctx, server_side=False, server_hostname=self._server_hostname, session=self.sessions.get(ctx))
+        material = self.store.material
+        ctx = material.client_ctx(verify_hostname=self.spec.server_identity is None)
+        session = self.sessions.get(ctx)
+        return TLSEngine(
+            ctx, server_side=False, server_hostname=self._server_hostname, session=session, vet=material.vet
+        )
 
     def target(self) -> Address:
         return self.spec.upstream

@@ -236,10 +236,11 @@ class Relay:
         expired = negotiated.peer_not_after is not None and negotiated.peer_not_after < wall_now
         if negotiated.resumed and expired:
             # a ticket can outlive the certificate it was issued for: that peer must handshake anew
-            self.handshake_error = "expired"
-            actions[0] = Handshook(seconds=handshook.seconds, failure="expired")
             why = "resumed a session of a certificate that has expired since"
-            return actions + self._close(Event.DENIED, Outcome.TLS_ERROR, why, send_eof=side)
+            return self._untrusted(handshook, "expired", why, side)
+        if negotiated.trust_problem is not None:
+            # verified against the union of the trust bundles, but not by its own trust domain's
+            return self._untrusted(handshook, "untrusted", negotiated.trust_problem, side)
         refusal = self.policy.authorize(negotiated.peer)
         if refusal is not None:
             return actions + self._close(Event.DENIED, Outcome.DENIED, refusal, send_eof=side)
@@ -392,6 +393,13 @@ class Relay:
         actions: list[Action] = [] if send_eof is None else [SendEOF(send_eof)]
         actions.append(Close(abort=frozenset(abort)))
         return actions
+
+    def _untrusted(self, handshook: Handshook, failure: str, why: str, side: Side) -> list[Action]:
+        """A completed handshake whose peer our checks after OpenSSL's refuse: counted as the
+        handshake failure ``failure``, the connection ends as ``tls_error``."""
+        self.handshake_error = failure
+        actions: list[Action] = [Handshook(seconds=handshook.seconds, failure=failure)]
+        return actions + self._close(Event.DENIED, Outcome.TLS_ERROR, why, send_eof=side)
 
     def _idle_step(self, left: float) -> float:
         """The idle timer looks every quarter of ``idle_timeout`` (every second at least apart), and

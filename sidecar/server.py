@@ -5,30 +5,37 @@
 - ``Supervisor`` (``workers: N``): the control plane here, the data plane in N worker processes
   (``supervisor.WorkerPool``, ``worker.py``) that serve the listening sockets bound here.
 
-Start order: load the TLS material (a failure is fatal), start the admin server (so ``/readyz``
-can say "not bound yet"), bind every listener (a failure is fatal and names it), serve (or start
-the workers and wait until each is ready), watch the files, log ``ready``. Shutdown order: stop
+Start order: load the TLS material (a failure is fatal; from the Workload API: the first SVID
+within its deadline, the stream then kept open), start the admin server (so ``/readyz`` can say
+"not bound yet"), bind every listener (a failure is fatal and names it), serve (or start the
+workers and wait until each is ready), watch the files, log ``ready``. Shutdown order: stop
 accepting, let open connections finish for up to ``drain_timeout``, cut the rest, stop the
-watcher and the admin server, log ``stopped``.
+watcher, the Workload API stream and the admin server, log ``stopped``. Only this process holds
+the Workload API stream; workers get each update through ``TLSStore.accept`` and its push.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from .admin import AdminServer
-from .config import Config
+from .config import Config, TLSWorkloadAPI
 from .errors import SidecarError
 from .lifecycle import Role
 from .logs import event
-from .metrics import Metrics
+from .metrics import Metrics, WorkloadAPIMetrics
 from .runtime import Runtime
 from .supervisor import WorkerPool
 from .tls import Material, TLSStore
 from .watch import CertWatcher
+
+if TYPE_CHECKING:
+    from .workload_api import Status as SourceStatus
+    from .workload_api import WorkloadAPISource
 
 log = logging.getLogger("sidecar")
 EXPIRY_CHECK_SECONDS = 1.0
@@ -36,8 +43,9 @@ EXPIRY_WARNING_FRACTION = 0.1
 
 
 class ControlPlane:
-    """What the operator's process owns besides proxying: the TLS material (loading, watching,
-    reloading, counting reloads, warning before expiry), the metrics it serves, the admin server.
+    """What the operator's process owns besides proxying: the TLS material (loading, watching the
+    files or following the Workload API, reloading, counting reloads, warning before expiry), the
+    metrics it serves, the admin server.
 
     It is the admin server's ``Status``: ``data_plane`` says what keeps the proxying side from
     being ready (listeners not bound, workers not running).
@@ -55,16 +63,41 @@ class ControlPlane:
         self.metrics = Metrics(workers_dir=workers_dir)
         self.store = TLSStore(cfg.tls, on_reload=self._count_reload, before_publish=push, listeners=cfg.tls_servers())
         self.store.subscribers.append(self._on_material)
-        self.watcher = CertWatcher(cfg.tls.paths(), self._reload_quietly)
+        self.source: WorkloadAPISource | None = None
+        self.watcher: CertWatcher | None = None
+        if isinstance(cfg.tls, TLSWorkloadAPI):
+            from .workload_api import WorkloadAPISource  # grpc is imported only when it is used
+
+            observer = WorkloadAPIMetrics(self.metrics.registry)
+            self.source = WorkloadAPISource(cfg.tls, self.store.accept, observer=observer)
+        else:
+            self.watcher = CertWatcher(cfg.tls.paths(), self._reload_quietly)
         self.admin = AdminServer(self, cfg.admin.listen) if cfg.admin is not None else None
         self.draining = False
         self._data_plane = data_plane
         self._expiry_warned: int | None = None
 
     async def load(self) -> None:
+        """The first material: the files, or the first SVID the agent sends within the deadline
+        (else ``WorkloadAPIUnavailable`` naming the socket); the stream then stays open."""
+        if self.source is not None:
+            await self.source.start()
+            return
+        assert self.watcher is not None
         loaded_fp = await self.watcher.current()
         await self.store.load()
         self.watcher.mark_loaded(loaded_fp)
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        """What runs beside serving, for the role to own: the file watcher (files only), the expiry warning."""
+        work = [self.warn_before_expiry()]
+        if self.watcher is not None:
+            work.append(self.watcher.run())
+        return work
+
+    async def stop_source(self) -> None:
+        if self.source is not None:
+            await self.source.stop()
 
     async def start_admin(self) -> None:
         if self.admin is not None:
@@ -75,6 +108,10 @@ class ControlPlane:
             await self.admin.stop()
 
     # -- the admin server's Status ----------------------------------------------------------------
+
+    def source_status(self) -> SourceStatus | None:
+        """The Workload API stream's state (None: the material comes from files)."""
+        return self.source.status() if self.source is not None else None
 
     def not_ready_reasons(self) -> list[str]:
         reasons: list[str] = ["draining"] if self.draining else []
@@ -160,8 +197,8 @@ class Standalone(Role):
         await self.control.load()
         await self.control.start_admin()
         await self.runtime.serve()
-        self.spawn(self.control.watcher.run())
-        self.spawn(self.control.warn_before_expiry())
+        for work in self.control.background():
+            self.spawn(work)
         _log_ready(self.control.store, self.runtime, self.cfg.workers)
 
     def request_reload(self) -> None:
@@ -179,6 +216,7 @@ class Standalone(Role):
     async def close(self) -> None:
         await self.stopping("listeners", self.runtime.close())
         await self.cancel_tasks()
+        await self.stopping("Workload API stream", self.control.stop_source())
         await self.stopping("admin server", self.control.stop_admin())
 
 
@@ -202,8 +240,8 @@ class Supervisor(Role):
         await self.control.start_admin()
         shares = await self.runtime.bind_shares(self.pool.count)
         await self.pool.start(shares, self.control.store.material)
-        self.spawn(self.control.watcher.run())
-        self.spawn(self.control.warn_before_expiry())
+        for work in self.control.background():
+            self.spawn(work)
         _log_ready(self.control.store, self.runtime, self.cfg.workers)
 
     def request_reload(self) -> None:
@@ -219,6 +257,7 @@ class Supervisor(Role):
         event(log, logging.INFO, "draining", workers=self.pool.count, drain_timeout_s=self.cfg.limits.drain_timeout)
         if self.forced:
             self.spawn(self.pool.force())
+        await self.stopping("Workload API stream", self.control.stop_source())  # no pushes to draining workers
         await self.pool.stop(self.cfg.limits.drain_timeout)
         await self.close()
         event(log, logging.INFO, "stopped")
@@ -226,6 +265,7 @@ class Supervisor(Role):
     async def close(self) -> None:
         await self.stopping("listeners", self.runtime.close())
         await self.cancel_tasks()
+        await self.stopping("Workload API stream", self.control.stop_source())
         await self.stopping("admin server", self.control.stop_admin())
         await self.stopping("workers", self.pool.close())
 

@@ -155,8 +155,10 @@ class WorkerPool:
         return [problem for problem in results if problem]
 
     async def _push_one(self, slot: _Slot, bundle: PemBundle, number: int) -> str | None:
-        if not slot.ready or slot.writer is None:
-            return None  # it takes the newest material when it (re)starts
+        if slot.writer is None:
+            return None  # not started yet: it takes the newest material when it (re)starts
+        # A worker still starting was sent its Start already, maybe with the previous material: it
+        # reads this Apply once it serves, and the push waits for its answer like any other.
         try:
             slot.writer.write(encode(Apply(number, bundle, self._ticket_keys)))
             async with asyncio.timeout(PUSH_TIMEOUT):

@@ -28,10 +28,11 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from .config import TLSFiles, TLSSettings
 from .errors import CertificateError, SidecarError, WorkerError
-from .identity import from_certificate
+from .identity import PeerIdentity, from_certificate
 from .logs import event
 from .pinning import pin_of_der
 from .tickets import listener_keys, set_ticket_keys
+from .tlsio import Vet
 
 log = logging.getLogger("sidecar.tls")
 _CRL_BEGIN = b"-----BEGIN X509 CRL-----"
@@ -170,8 +171,8 @@ class Material:
     # The bytes it was built from: how a supervisor hands the very same generation to its
     # workers. Holds the private key: never logged, never in a repr.
     bundle: PemBundle = field(repr=False, compare=False)
-    # Each trust domain's CAs (Workload API only): what ``peer_trust_problem`` checks against.
-    authorities: Mapping[str, tuple[x509.Certificate, ...]] = field(repr=False, compare=False, default_factory=dict)
+    # Which CAs vouch for which trust domain (Workload API only; None for files).
+    trust: TrustDomains | None = field(default=None, repr=False, compare=False)
 
     def server_ctx_for(self, listener: str) -> ssl.SSLContext:
         """The server context of inbound ``listener`` (named when the material was loaded).
@@ -194,22 +195,56 @@ class Material:
     def trust_domains(self) -> tuple[str, ...]:
         return self.bundle.trust_domains
 
-    def peer_trust_problem(self, verified_chain: Sequence[x509.Certificate]) -> str | None:
-        """Why a peer whose chain verified against the union of bundles must still be refused:
-        its SPIFFE ID's trust domain has no bundle, or its chain does not lead to that bundle
-        (SPIFFE Workload API 4.6: a federated CA must not vouch for another trust domain). None
-        when it is fine, and always for material from files (one bundle, no trust domains)."""
-        if not self.authorities:
-            return None
-        ids = from_certificate(verified_chain[0]).spiffe_ids
+    @property
+    def vet(self) -> Vet | None:
+        """What a TLS engine asks after each handshake (None: nothing to ask, material from files)."""
+        return self.trust.problem if self.trust is not None else None
+
+    def peer_trust_problem(
+        self, peer: PeerIdentity, verified_chain: Sequence[bytes] | None, *, resumed: bool = False
+    ) -> str | None:
+        """Why a peer that passed OpenSSL's verification against the union of bundles must still be
+        refused (``TrustDomains.problem``); None when it is fine, and always for material from files."""
+        return self.trust.problem(peer, verified_chain, resumed=resumed) if self.trust is not None else None
+
+
+class TrustDomains:
+    """The CAs of each trust domain, for the check made after every handshake: a bundle vouches
+    only for its own trust domain, so a federated CA cannot vouch for a peer claiming ours,
+    whereas OpenSSL, which verifies against the union of the bundles, would.
+
+    A peer must carry exactly one SPIFFE ID, its trust domain must have a bundle, and the chain
+    OpenSSL verified must hold a CA of that bundle. A resumed session has no chain (OpenSSL
+    verifies nothing then): it was made under this very material (a reload voids every ticket
+    and cached session), and tickets go to, and sessions are kept for, checked peers only; its
+    identity is checked again. A full handshake whose chain cannot be read is refused when
+    there are several trust domains (with one, the union is that bundle).
+    """
+
+    __slots__ = ("_cas",)
+
+    def __init__(self, authorities: Mapping[str, Sequence[x509.Certificate]]) -> None:
+        self._cas = {
+            td: frozenset(c.public_bytes(serialization.Encoding.DER) for c in certs)
+            for td, certs in authorities.items()
+        }
+
+    def problem(self, peer: PeerIdentity, verified_chain: Sequence[bytes] | None, resumed: bool = False) -> str | None:
+        ids = peer.spiffe_ids
         if len(ids) != 1:
-            return "the peer's certificate does not carry exactly one SPIFFE ID"
-        trust_domain = ids[0].removeprefix("spiffe://").split("/", 1)[0]
-        cas = self.authorities.get(trust_domain)
+            return f"the peer's certificate carries {len(ids)} SPIFFE IDs, not exactly one"
+        spiffe_id = ids[0]
+        trust_domain = spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
+        cas = self._cas.get(trust_domain)
         if cas is None:
-            return f"no trust bundle for the peer's trust domain {trust_domain}"
-        problem = chain_problem(verified_chain, cas)
-        return f"{problem} of its trust domain {trust_domain}" if problem else None
+            return f"{spiffe_id}: no trust bundle for its trust domain {trust_domain}"
+        if resumed or len(self._cas) == 1:
+            return None
+        if verified_chain is None:
+            return f"{spiffe_id}: the verified chain cannot be read, so its trust domain cannot be checked"
+        if cas.isdisjoint(verified_chain):
+            return f"{spiffe_id}: its chain does not lead to the bundle of its trust domain {trust_domain}"
+        return None
 
 
 class TLSStore:
@@ -374,7 +409,9 @@ def load_material(
         loaded_at=time.time(),
         generation=generation,
         bundle=bundle,
-        authorities={td: certs for td, certs in authorities.items() if td is not None},
+        trust=TrustDomains({td: cas for td, cas in authorities.items() if td is not None})
+        if bundle.trust_domains
+        else None,
     )
 
 

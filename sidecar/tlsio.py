@@ -8,7 +8,9 @@ messages, records, alerts, tickets, close_notify) waits in ``output`` until the 
 
 Every ``SSLObject`` call is made here, and every error OpenSSL raises leaves this module as one
 ``TLSFailure`` carrying the failure's class (``tlserrors.classify``) and a key-free text. Nothing
-here does I/O, knows a socket or an event loop, or decides policy.
+here does I/O, knows a socket or an event loop, or decides policy; an engine given a ``vet`` (the
+material's trust-domain check) asks it once when the handshake completes and keeps the answer for
+the relay, and a server withholds the session ticket from a peer it refuses.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import tlserrors
 from .errors import TLSFailure
 from .identity import PeerIdentity, from_peercert
-from .libssl import resume
+from .libssl import resume, verified_chain
 
 READ_SIZE = 256 * 1024  # plaintext taken out of OpenSSL per read call
 
@@ -35,12 +38,17 @@ class Negotiated:
     resumed: bool
     peer: PeerIdentity
     peer_not_after: float | None  # the peer certificate's notAfter, epoch seconds
+    trust_problem: str | None = None  # why the material's trust domains refuse the peer (``vet``)
+
+
+# the material's check after a handshake: (peer, verified chain or None, resumed) -> refusal or None
+Vet = Callable[[PeerIdentity, Sequence[bytes] | None, bool], str | None]
 
 
 class TLSEngine:
     """A client or server TLS session whose ciphertext lives in memory."""
 
-    __slots__ = ("_in", "_obj", "_out", "context", "established", "peer_finished")
+    __slots__ = ("_in", "_obj", "_out", "_vet", "context", "established", "peer_finished", "trust_problem")
 
     def __init__(
         self,
@@ -49,8 +57,10 @@ class TLSEngine:
         server_side: bool,
         server_hostname: str | None = None,
         session: ssl.SSLSession | None = None,
+        vet: Vet | None = None,
     ) -> None:
         self.context = ctx
+        self._vet = vet
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
@@ -58,6 +68,7 @@ class TLSEngine:
             self._obj.session = session  # Python's way: the same, with a copy of the session
         self.established = False  # the handshake completed
         self.peer_finished = False  # the peer sent close_notify
+        self.trust_problem: str | None = None  # the answer of ``vet``, once established
 
     # -- the handshake ------------------------------------------------------------------------
 
@@ -75,6 +86,8 @@ class TLSEngine:
         except (ssl.SSLError, ssl.CertificateError, OSError) as exc:
             raise failure(exc) from None
         self.established = True
+        if self._vet is not None:
+            self._ask_vet()
         return True
 
     def negotiated(self, *, pin: bool = False) -> Negotiated:
@@ -89,7 +102,19 @@ class TLSEngine:
             resumed=obj.session_reused,
             peer=from_peercert(cert, obj.getpeercert(binary_form=True) if pin else None),
             peer_not_after=_not_after(str(cert["notAfter"])) if cert and "notAfter" in cert else None,
+            trust_problem=self.trust_problem,
         )
+
+    def _ask_vet(self) -> None:
+        assert self._vet is not None
+        obj = self._obj
+        resumed = obj.session_reused
+        chain = None if resumed else verified_chain(obj, self.context)
+        self.trust_problem = self._vet(from_peercert(obj.getpeercert()), chain, resumed)
+        if self.trust_problem is not None and obj.server_side:
+            # The session ticket OpenSSL wrote as the handshake completed: a refused peer must not
+            # get one, or it would resume without a chain to check. Nothing else is pending then.
+            self._out.read()
 
     def peer_certificate(self) -> bytes | None:
         """The verified peer's certificate, DER."""

@@ -5,6 +5,7 @@ each response into a ``PemBundle`` there, and hands it to the event loop, where 
 store's validate-then-swap) takes or refuses it. The first bundle has a deadline; a later outage
 keeps the current material and reconnects with backoff, logging once when the agent goes away and
 once when it is back. The agent's reachability is a small state machine, its transitions data.
+An ``Observer`` (the metrics) hears of every update and of every change of reachability.
 """
 
 from __future__ import annotations
@@ -18,9 +19,17 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import Certificate
+
+# Our processes never fork without exec (a supervisor starts workers as fresh interpreters), so
+# gRPC's fork handlers only cost: at each worker start they would pause gRPC's threads, or, while
+# the stream's call is open, skip that and print a line that is not JSON on stderr. Read when
+# gRPC starts, so set before it is imported; an operator's own setting wins.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 from spiffe import WorkloadApiClient
 from spiffe.errors import ArgumentError
 from spiffe.workloadapi.x509_context import X509Context
@@ -28,6 +37,7 @@ from spiffe.workloadapi.x509_context import X509Context
 from .config import TLSWorkloadAPI
 from .errors import CertificateError, SidecarError, WorkloadAPIUnavailable
 from .logs import event
+from .metrics import WORKLOAD_API_RESULTS
 from .tls import Material, Origin, PemBundle, TrustBundle, load_material
 
 log = logging.getLogger("sidecar.workload_api")
@@ -76,6 +86,19 @@ TRANSITIONS: dict[tuple[Link, Seen], tuple[Link, tuple[int, str] | None]] = {
     (Link.DOWN, Seen.RESPONSE): (Link.UP, (logging.INFO, "Workload API stream restored")),
     (Link.DOWN, Seen.LOST): (Link.DOWN, None),
 }
+
+
+OK, REFUSED, WORKER_ERROR = WORKLOAD_API_RESULTS
+
+
+class Observer(Protocol):
+    """Who hears what the source does: each update's result (``ok``: served by every process;
+    ``refused``: not valid, the old material stays; ``worker_error``: served here, a worker did not
+    confirm it and is restarted with it), and whether the stream is up."""
+
+    def updated(self, result: str) -> None: ...
+
+    def connected(self, up: bool) -> None: ...
 
 
 @dataclass
@@ -203,10 +226,12 @@ class WorkloadAPISource:
         publish: Callable[[PemBundle], Awaitable[object]],
         *,
         backoff: Backoff | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.settings = settings
         self._publish = publish
         self._backoff = backoff or Backoff()
+        self._observer = observer
         self._task: asyncio.Task[None] | None = None
         self._first = asyncio.Event()
         self.link = Link.CONNECTING
@@ -233,6 +258,7 @@ class WorkloadAPISource:
         timeout = first_fetch_timeout() if wait is None else wait
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"workload-api {self.address}")
+            self._task.add_done_callback(self._stopped)
         first = asyncio.create_task(self._first.wait())
         try:
             await asyncio.wait({first, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -247,11 +273,25 @@ class WorkloadAPISource:
         )
 
     async def stop(self) -> None:
+        """Close the stream (idempotent); a failure of the stream's task was logged when it happened."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task})
+        self._set_link(Link.CONNECTING if self.link is Link.CONNECTING else Link.DOWN)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        """The stream's task ended: only a bug ends it other than ``stop``; say so at once, since no
+        certificate will arrive any more."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.last_error = f"the Workload API stream stopped: {task.exception()!r}"
+        self._set_link(Link.DOWN)
+        log.error(
+            "the Workload API stream stopped for good; the current certificates stay until they expire",
+            exc_info=task.exception(),
+            extra={"fields": {"socket": self.address}},
+        )
 
     async def _run(self) -> None:
         while True:
@@ -293,15 +333,34 @@ class WorkloadAPISource:
                     error=str(exc),
                 )
             self._last_refusal = str(exc)
+            self._tell(REFUSED)
             return
+        except SidecarError as exc:  # published, but a worker did not confirm it (the store logged it)
+            self._took(str(exc))
+            self._tell(WORKER_ERROR)
+            return
+        self._took(None)
+        self._tell(OK)
+
+    def _took(self, error: str | None) -> None:
         self.updates += 1
         self.last_update = time.time()
-        self.last_error = self._last_refusal = None
+        self.last_error, self._last_refusal = error, None
         self._backoff.reset()
         self._first.set()
 
+    def _tell(self, result: str) -> None:
+        if self._observer is not None:
+            self._observer.updated(result)
+
+    def _set_link(self, link: Link) -> None:
+        if link is not self.link and self._observer is not None:
+            self._observer.connected(link is Link.UP)
+        self.link = link
+
     def _saw(self, seen: Seen, **fields: object) -> None:
-        self.link, said = TRANSITIONS[(self.link, seen)]
+        link, said = TRANSITIONS[(self.link, seen)]
+        self._set_link(link)
         if said is not None:
             level, message = said
             event(log, level, message, socket=self.address, **fields)

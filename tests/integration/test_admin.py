@@ -93,7 +93,8 @@ def test_certs_describes_identity_cas_and_reloads(
     answer = admin_request(shared, "GET", "/certs")
     assert answer.status == 200
     body = answer.json()
-    assert set(body) == {"identity", "ca_certs", "reloads"}
+    assert set(body) == {"source", "identity", "ca_certs", "reloads"}
+    assert body["source"] == "files"  # contract section 10
     ident = body["identity"]
     assert set(ident) == IDENTITY_KEYS
     cert = server_leaf.issued.cert

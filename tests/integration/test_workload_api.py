@@ -12,19 +12,18 @@ import asyncio
 import contextlib
 import logging
 import re
-import shutil
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from spiffe._proto import workload_pb2
 from support import CertFactory, CertFiles, MemoryLink, client_context, server_context, write_config
@@ -33,30 +32,11 @@ from workload_api_server import HEADER, WorkloadAPIServer, empty_response, respo
 from sidecar import pki
 from sidecar.config import TLSWorkloadAPI
 from sidecar.errors import WorkloadAPIUnavailable
+from sidecar.identity import PeerIdentity, from_certificate
 from sidecar.tls import TLSStore
 from sidecar.workload_api import Backoff, Link, WorkloadAPISource
 
 PARTNER = "spiffe://partner.org"
-
-
-@pytest.fixture
-def agent_socket() -> Iterator[Path]:
-    folder = Path(tempfile.mkdtemp(prefix="sidecar-wlapi-"))  # short: sun_path holds 107 bytes
-    yield folder / "agent.sock"
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture
-def agent(agent_socket: Path) -> Iterator[WorkloadAPIServer]:
-    server = WorkloadAPIServer(agent_socket)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def partner(tmp_path_factory: pytest.TempPathFactory) -> CertFactory:
-    ca = pki.new_ca("partner ca", trust_domain="partner.org")
-    return CertFactory(tmp_path_factory.mktemp("partner"), ca=ca, name="partner")
 
 
 def settings_for(socket: Path) -> TLSWorkloadAPI:
@@ -81,6 +61,12 @@ async def eventually(predicate: Callable[[], Any], within: float = 5.0) -> Any:
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
     return result
+
+
+def verified(peer: CertFiles, issuer: CertFactory) -> tuple[PeerIdentity, tuple[bytes, ...]]:
+    """``peer``'s identity and the chain OpenSSL verifies for it (leaf, then its CA), DER."""
+    chain = (peer.issued.cert, issuer.ca.cert)
+    return from_certificate(peer.issued.cert), tuple(c.public_bytes(serialization.Encoding.DER) for c in chain)
 
 
 def serial(leaf: CertFiles | pki.Issued) -> str:
@@ -270,6 +256,33 @@ async def test_an_agent_restart_is_survived_and_logged_once_each_way(
     assert messages.count("Workload API connected") == 1
 
 
+async def test_a_stream_that_dies_of_a_bug_is_logged_at_once(
+    agent: WorkloadAPIServer, ca: CertFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only ``stop`` should end the stream's task; if anything else does, no certificate will come
+    any more, and the log must say so when it happens, not at shutdown."""
+    agent.start().push(response(ca.leaf("orders").issued, [ca.ca.cert]))
+    seen: list[bool] = []
+
+    class Watching:
+        def updated(self, result: str) -> None:
+            pass
+
+        def connected(self, up: bool) -> None:
+            seen.append(up)
+
+    async def broken(bundle: object) -> None:
+        raise RuntimeError("a bug in publishing")
+
+    source = WorkloadAPISource(settings_for(agent.socket), broken, observer=Watching())
+    with pytest.raises(WorkloadAPIUnavailable, match=r"stream stopped: RuntimeError\('a bug in publishing'\)"):
+        await source.start(5.0)  # at once, not after the deadline
+    records = [r for r in caplog.records if "stopped for good" in r.getMessage()]
+    assert len(records) == 1 and records[0].exc_info is not None
+    assert source.status().link is Link.DOWN and seen == [True, False]
+    await source.stop()
+
+
 # -- trust: own and federated bundles --------------------------------------------------------------
 
 
@@ -287,8 +300,8 @@ async def test_peers_of_own_and_federated_trust_domains_are_verified(
         # outbound too: the sidecar's client context trusts a partner server
         link = MemoryLink(material.client_ctx(verify_hostname=False), server_context(partner_peer, ca.ca_file))
         link.handshake()
-        assert material.peer_trust_problem([mesh_peer.issued.cert]) is None
-        assert material.peer_trust_problem([partner_peer.issued.cert]) is None
+        assert material.peer_trust_problem(*verified(mesh_peer, ca)) is None
+        assert material.peer_trust_problem(*verified(partner_peer, partner)) is None
 
         agent.push(response(ca.leaf("orders").issued, [ca.ca.cert]))  # the federation ends (spec 4.4)
         await eventually(lambda: store.material.trust_domains == ("mesh.local",))
@@ -299,16 +312,19 @@ async def test_a_federated_ca_cannot_vouch_for_our_trust_domain(
     agent: WorkloadAPIServer, ca: CertFactory, partner: CertFactory
 ) -> None:
     """The union of bundles lets OpenSSL accept a partner-signed cert claiming *our* trust domain;
-    ``peer_trust_problem`` is the check that must refuse it after the handshake."""
+    ``peer_trust_problem`` is the check that must refuse it after the handshake (the TLS engines ask
+    it: tests/unit/test_trust_domains.py; a whole sidecar: test_workload_api_run.py)."""
     impostor = partner.leaf("admin", spiffe="spiffe://mesh.local/admin")
     unknown_td = ca.leaf("elsewhere", spiffe="spiffe://elsewhere.org/x")
     agent.start().push(response(ca.leaf("orders").issued, [ca.ca.cert], {PARTNER: [partner.ca.cert]}))
     async with source_and_store(agent.socket) as (_source, store):
         assert admits(store, impostor, ca.ca_file)  # the TLS layer alone cannot tell
-        problem = store.material.peer_trust_problem([impostor.issued.cert])
-        assert problem is not None and "not issued by any CA in the bundle of its trust domain mesh.local" in problem
-        assert store.material.peer_trust_problem([unknown_td.issued.cert]) == (
-            "no trust bundle for the peer's trust domain elsewhere.org"
+        problem = store.material.peer_trust_problem(*verified(impostor, partner))
+        assert (
+            problem == "spiffe://mesh.local/admin: its chain does not lead to the bundle of its trust domain mesh.local"
+        )
+        assert store.material.peer_trust_problem(*verified(unknown_td, ca)) == (
+            "spiffe://elsewhere.org/x: no trust bundle for its trust domain elsewhere.org"
         )
 
 

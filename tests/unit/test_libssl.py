@@ -1,6 +1,8 @@
-"""sidecar.libssl.resume: a session offered without CPython's copy really resumes, still carries
-both identities, and is refused wherever Python's own setter would refuse it (or OpenSSL no longer
-counts the session resumable). Handshakes run in memory over ``ssl.MemoryBIO``."""
+"""sidecar.libssl: a session offered without CPython's copy really resumes, still carries both
+identities, and is refused wherever Python's own setter would refuse it (or OpenSSL no longer
+counts the session resumable); the verified chain read is the chain OpenSSL verified, on both
+sides, and nothing where there is none or the pointers do not check out. Handshakes run in memory
+over ``ssl.MemoryBIO``."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
-from sidecar.libssl import resume
+from sidecar import pki
+from sidecar.libssl import resume, verified_chain
 from tests.support import CertFactory, CertFiles, MemoryLink
 
 
@@ -94,3 +98,44 @@ def test_a_session_openssl_gave_up_on_is_not_offered(contexts: tuple[ssl.SSLCont
     link.client.session = session
     link.handshake()
     assert link.client.session_reused
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_the_verified_chain_is_read_on_both_sides(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], ca: CertFactory, client_leaf: CertFiles, server_leaf: CertFiles
+) -> None:
+    server, client = contexts
+    link = MemoryLink(client, server)
+    assert verified_chain(link.server, server) is None  # no handshake yet
+    link.handshake()
+    assert verified_chain(link.server, server) == (_der(client_leaf.issued.cert), _der(ca.ca.cert))
+    assert verified_chain(link.client, client) == (_der(server_leaf.issued.cert), _der(ca.ca.cert))
+
+
+def test_an_intermediate_is_in_the_verified_chain(tmp_path: Any, ca: CertFactory, client_leaf: CertFiles) -> None:
+    intermediate = pki.new_ca("issuing ca", issuer=ca.ca)
+    sub = CertFactory(tmp_path, ca=intermediate, name="issuing")
+    leaf = sub.leaf("orders")  # cert.pem holds the leaf, then the intermediate
+    server = _context(ssl.PROTOCOL_TLS_SERVER, leaf, ca)
+    client = _context(ssl.PROTOCOL_TLS_CLIENT, client_leaf, ca)
+    link = MemoryLink(client, server)
+    link.handshake()
+    assert verified_chain(link.client, client) == tuple(map(_der, (leaf.issued.cert, intermediate.cert, ca.ca.cert)))
+
+
+def test_no_verified_chain_after_resumption_or_for_another_context(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], ca: CertFactory, client_leaf: CertFiles
+) -> None:
+    server, client = contexts
+    first, session = _first_session(server, client)
+    assert verified_chain(first.server, _context(ssl.PROTOCOL_TLS_SERVER, client_leaf, ca)) is None
+    first.close_cleanly()
+    link = MemoryLink(client, server)
+    link.client.session = session
+    link.handshake()
+    assert link.server.session_reused
+    # OpenSSL verifies nothing on resumption: there is no chain to read, on either side
+    assert verified_chain(link.server, server) is None and verified_chain(link.client, client) is None

@@ -178,6 +178,26 @@ def test_a_resumed_session_of_an_expired_certificate_is_refused() -> None:
     assert (r.outcome, r.handshake_error) == (Outcome.TLS_ERROR, "expired")
 
 
+@pytest.mark.parametrize("tls_side", [Side.DOWN, Side.UP])
+def test_a_peer_its_own_trust_domain_does_not_vouch_for_is_refused_before_allow(tls_side: Side) -> None:
+    """The material's trust-domain check (``Negotiated.trust_problem``) comes before ``allow``: an
+    allowed identity is refused as a TLS failure (``untrusted``), and nothing is dialled or streamed."""
+    r = relay(tls_side, direction=Direction.INBOUND if tls_side is Side.DOWN else Direction.OUTBOUND)
+    r.started("c", 100.0)
+    if tls_side is Side.UP:
+        r.dialled(100.0)
+    problem = "spiffe://mesh.local/frontend: its chain does not lead to the bundle of its trust domain mesh.local"
+    impostor = Negotiated("TLSv1.3", "TLS_AES_128_GCM_SHA256", False, FRONTEND, 2e9, trust_problem=problem)
+    actions = r.secured(impostor, 100.1, 1.7e9)
+    assert actions == [Handshook(seconds=pytest.approx(0.1), failure="untrusted"), SendEOF(tls_side), Close()]
+    assert r.policy.targets == ([] if tls_side is Side.DOWN else [FORWARD])  # type: ignore[attr-defined]
+    (finish,) = r.ended(0, 0, 100.2)
+    assert isinstance(finish, Finish)
+    rec = finish.record
+    assert (rec.outcome, rec.handshake_error, rec.reason) == (Outcome.TLS_ERROR, "untrusted", problem)
+    assert rec.peer_identity == "spiffe://mesh.local/frontend"  # what it claimed, for the record
+
+
 def test_a_full_handshake_is_not_held_to_the_resumption_rule() -> None:
     r = relay(Side.DOWN)
     r.started("c", 100.0)

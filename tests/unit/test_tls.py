@@ -109,6 +109,7 @@ def test_every_trust_bundle_is_trusted_and_remembered_by_trust_domain(ca: CertFa
         )
     )
     assert material.source == "workload_api" and material.trust_domains == ("mesh.local", "partner.org")
-    assert set(material.authorities) == {"mesh.local", "partner.org"}
+    assert material.trust is not None and material.vet is not None
+    assert load_material(read_files(files_of(ca))).vet is None  # files: one bundle, no trust domains
     peer = partner.leaf("billing", spiffe="spiffe://partner.org/billing")
     MemoryLink(client_context(peer, ca.ca_file), material.server_ctx).handshake()
