@@ -51,10 +51,12 @@ class Record:
 
 
 def log_access(record: Record) -> None:
-    """The one access record of a connection; ``info`` for ``ok``, ``warning`` otherwise."""
-    level = logging.INFO if record.outcome is Outcome.OK else logging.WARNING
+    """The one access record of a connection; ``info`` for ``ok`` and ``passthrough``, ``warning``
+    otherwise."""
+    level = logging.INFO if record.outcome in _FINE else logging.WARNING
     if ACCESS.isEnabledFor(level):
         event(ACCESS, level, "connection", **{name: getattr(record, name) for name in _FIELDS})
 
 
 _FIELDS = tuple(f.name for f in fields(Record))
+_FINE = frozenset({Outcome.OK, Outcome.PASSTHROUGH})

@@ -91,7 +91,7 @@ class _Collect(logging.Handler):
         self.out = out
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.out.append(dict(getattr(record, "fields", {})))
+        self.out.append({"level": record.levelname, **getattr(record, "fields", {})})
 
 
 @contextlib.asynccontextmanager
@@ -263,6 +263,7 @@ async def test_permissive_inbound_lets_plaintext_through_and_still_checks_tls_pe
     assert app.accepts == 3  # the stranger never reached the app
     passed = [r for r in records if r["outcome"] == "passthrough"]
     assert all(r["peer_identity"] is None and r["tls_version"] is None for r in passed)
+    assert {r["level"] for r in passed} == {"INFO"}  # expected in permissive mode: not a warning
     assert all(r["bytes_to_upstream"] == len(request) for r in passed)
     assert rig.count("transparent-inbound", "passthrough") == 2
     assert rig.count("transparent-inbound", "ok") == 1
