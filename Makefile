@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/sidecar demo
 
+# The same story in transparent mode, in network namespaces, with tcpdump's capture as proof (root).
+demo-transparent: venv
+	$(PY) scripts/demo_transparent.py
+
 lint: venv
 	$(VENV)/bin/ruff check sidecar tests bench
 	$(VENV)/bin/ruff format --check sidecar tests bench

@@ -105,6 +105,12 @@ class Node:
         self.config.chmod(0o644)
         return self.config
 
+    def nat_tables(self) -> list[str]:
+        """The namespace's nat tables, IPv4 and IPv6, without comments and counters."""
+        lines = [*self.ns.run("iptables-save", "-t", "nat").stdout.splitlines()]
+        lines += self.ns.run("ip6tables-save", "-t", "nat").stdout.splitlines()
+        return [line.split(" [")[0] if line.startswith(":") else line for line in lines if not line.startswith("#")]
+
     def iptables(self, command: str) -> str:
         assert self.config is not None
         done = self.ns.sidecar("iptables", command, "-c", str(self.config))

@@ -55,14 +55,6 @@ class Mesh:
         who.start_sidecar()
 
 
-def nat_tables(ns: Any) -> list[str]:
-    lines = (
-        ns.run("iptables-save", "-t", "nat").stdout.splitlines()
-        + ns.run("ip6tables-save", "-t", "nat").stdout.splitlines()
-    )
-    return [line.split(" [")[0] if line.startswith(":") else line for line in lines if not line.startswith("#")]
-
-
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Mesh]:
     why = unavailable() or tcpdump_missing()
@@ -84,7 +76,7 @@ def _mesh(made: Lab) -> Iterator[Mesh]:
         made.link(frontend.ns, legacy.ns),
         pki.new_ca("transparent mesh", trust_domain="mesh.local"),
     )
-    before = {n.name: nat_tables(n.ns) for n in (frontend, orders)}
+    before = {n.name: n.nat_tables() for n in (frontend, orders)}
     mesh.client_config()
     mesh.server_config()
     for n in (frontend, orders):
@@ -97,7 +89,7 @@ def _mesh(made: Lab) -> Iterator[Mesh]:
     for n in (frontend, orders):
         n.stop_sidecar()
         n.iptables("remove")
-        assert nat_tables(n.ns) == before[n.name], f"{n.name}: remove left the nat tables changed"
+        assert n.nat_tables() == before[n.name], f"{n.name}: remove left the nat tables changed"
 
 
 def url(host: str, path: str = "/") -> str:
