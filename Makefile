@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-transparent test test-netns lint unit bench bench-deps profile test-compose clean
+.PHONY: venv demo demo-transparent test test-netns lint unit bench bench-transparent bench-deps profile test-compose clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ bench-deps:
 
 bench: venv
 	$(PY) -m bench
+
+# The bench's sidecar pair in explicit and in transparent (capture) mode, same run, inside a network
+# namespace of its own (root): bench/README.md, "What transparent mode costs".
+bench-transparent: venv
+	bash scripts/bench-transparent.sh
 
 profile: venv
 	$(PY) -m bench --profile
