@@ -53,7 +53,7 @@ from .iptables import ipv6_enabled
 from .legs import peer_address
 from .listeners import BaseListener
 from .logs import event
-from .metrics import DataMetrics, ListenerMetrics
+from .metrics import DataMetrics
 from .origdst import FirstBytes, Socket, format_dst, original_dst
 from .policies import InboundPolicy, OutboundPolicy
 from .record import Direction, Outcome, Record, log_access
@@ -156,17 +156,12 @@ class Pending(asyncio.Protocol):
 class CaptureListener(BaseListener):
     """A capture port: what each connection becomes is chosen per connection (``decide``)."""
 
-    def __init__(
-        self,
-        name: str,
-        direction: Direction,
-        listen: Address,
-        limits: Limits,
-        metrics: ListenerMetrics,
-        *,
-        lookup: OriginalDst = original_dst,
-    ) -> None:
-        super().__init__(name, direction, listen, limits, metrics)
+    label: str  # the ``listener`` label
+    flow: Direction
+
+    def __init__(self, listen: Address, limits: Limits, metrics: DataMetrics, lookup: OriginalDst) -> None:
+        name = self.label
+        super().__init__(name, self.flow, listen, limits, metrics.for_listener(name, self.flow))
         self._lookup = lookup  # the original destination of an accepted socket
         self._pair = LOOPBACK if ipaddress.ip_address(listen.host).is_loopback else ANY_ADDRESS
         self._ipv6 = ipv6_enabled()
@@ -243,17 +238,17 @@ class OutboundCapture(CaptureListener):
     """``transparent-outbound``: the app's connections, to the original destination with mTLS
     (a route), as plain TCP (``unmatched: passthrough``) or not at all."""
 
+    label, flow = OUTBOUND_LISTENER, Direction.OUTBOUND
+
     def __init__(
         self,
         spec: TransparentOutbound,
         store: TLSStore,
         limits: Limits,
         metrics: DataMetrics,
-        *,
         lookup: OriginalDst = original_dst,
     ) -> None:
-        labelled = metrics.for_listener(OUTBOUND_LISTENER, Direction.OUTBOUND)
-        super().__init__(OUTBOUND_LISTENER, Direction.OUTBOUND, spec.listen, limits, labelled, lookup=lookup)
+        super().__init__(spec.listen, limits, metrics, lookup)
         self.spec = spec
         self.routes = RouteTable(spec.routes)
         self.policies = RoutePolicies(spec.listen, store)
@@ -283,17 +278,17 @@ class InboundCapture(CaptureListener):
     """``transparent-inbound``: peers' connections to a captured app port, through mTLS and the
     port's ``allow`` to ``127.0.0.1:<port>``; in permissive mode plain TCP too."""
 
+    label, flow = INBOUND_LISTENER, Direction.INBOUND
+
     def __init__(
         self,
         spec: TransparentInbound,
         store: TLSStore,
         limits: Limits,
         metrics: DataMetrics,
-        *,
         lookup: OriginalDst = original_dst,
     ) -> None:
-        labelled = metrics.for_listener(INBOUND_LISTENER, Direction.INBOUND)
-        super().__init__(INBOUND_LISTENER, Direction.INBOUND, spec.listen, limits, labelled, lookup=lookup)
+        super().__init__(spec.listen, limits, metrics, lookup)
         self.spec = spec
         self.ports: dict[int, tuple[InboundPolicy, PlainPolicy]] = {}
         for port in spec.ports:

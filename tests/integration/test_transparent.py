@@ -72,6 +72,10 @@ class Rig:
         labels = {"listener": listener, "direction": direction, "outcome": outcome}
         return self.registry.get_sample_value("sidecar_connections_total", labels) or 0.0
 
+    def inbound(self, app_port: int, mode: InboundMode, limits: Limits | None = None) -> InboundCapture:
+        """transparent-inbound for one app port, allowing spiffe://mesh.local/frontend there."""
+        return InboundCapture(inbound_spec(app_port, mode), self.store, limits or Limits(), self.metrics, self.lookup)
+
     async def record(self, n: int = 1) -> list[dict[str, Any]]:
         """The access records, once there are ``n``."""
         await eventually(lambda: len(self.records) >= n)
@@ -183,9 +187,7 @@ def run(scenario: Callable[[Rig], Any]) -> Callable[[CertFactory, CertFiles], No
 @run
 async def test_strict_inbound_lets_an_allowed_peer_reach_the_app_and_nobody_else(rig: Rig) -> None:
     app = Backend(echo_handler)
-    listener = InboundCapture(
-        inbound_spec(app.port, InboundMode.STRICT), rig.store, Limits(), rig.metrics, lookup=rig.lookup
-    )
+    listener = rig.inbound(app.port, InboundMode.STRICT)
     dst = (PEER_IP, app.port)
     try:
         async with serving(listener) as port:
@@ -213,9 +215,7 @@ async def test_strict_inbound_lets_an_allowed_peer_reach_the_app_and_nobody_else
 
 @run
 async def test_inbound_refuses_a_port_it_does_not_capture_and_a_connection_not_redirected(rig: Rig) -> None:
-    listener = InboundCapture(
-        inbound_spec(9, InboundMode.PERMISSIVE), rig.store, Limits(), rig.metrics, lookup=rig.lookup
-    )
+    listener = rig.inbound(9, InboundMode.PERMISSIVE)
     async with serving(listener) as port:
         # straight to the capture port, IPv4 and IPv6: conntrack has no original destination for it
         assert await asyncio.to_thread(plain_call, rig, port, None, b"hello") == b""
@@ -236,9 +236,7 @@ async def test_inbound_refuses_a_port_it_does_not_capture_and_a_connection_not_r
 @run
 async def test_permissive_inbound_lets_plaintext_through_and_still_checks_tls_peers(rig: Rig) -> None:
     app = Backend(echo_handler)
-    listener = InboundCapture(
-        inbound_spec(app.port, InboundMode.PERMISSIVE), rig.store, Limits(), rig.metrics, lookup=rig.lookup
-    )
+    listener = rig.inbound(app.port, InboundMode.PERMISSIVE)
     dst = (PEER_IP, app.port)
     request = b"GET / HTTP/1.1\r\nHost: app\r\n\r\n"
     try:
@@ -278,9 +276,7 @@ def greeter(conn: socket.socket) -> None:
 @run
 async def test_permissive_inbound_passes_a_silent_client_through_after_the_peek_timeout(rig: Rig) -> None:
     app = Backend(greeter)
-    listener = InboundCapture(
-        inbound_spec(app.port, InboundMode.PERMISSIVE), rig.store, Limits(), rig.metrics, lookup=rig.lookup
-    )
+    listener = rig.inbound(app.port, InboundMode.PERMISSIVE)
 
     def wait_for_greeting(port: int) -> tuple[bytes, float]:
         with connect(rig, port, (PEER_IP, app.port)) as s:
@@ -304,9 +300,7 @@ async def test_permissive_inbound_passes_a_silent_client_through_after_the_peek_
 async def test_a_tls_looking_prefix_that_stalls_goes_to_the_handshake_and_its_timeout(rig: Rig) -> None:
     app = Backend(echo_handler)
     limits = Limits(handshake_timeout=0.5)
-    listener = InboundCapture(
-        inbound_spec(app.port, InboundMode.PERMISSIVE), rig.store, limits, rig.metrics, lookup=rig.lookup
-    )
+    listener = rig.inbound(app.port, InboundMode.PERMISSIVE, limits)
 
     def stall(port: int) -> bytes:
         with connect(rig, port, (PEER_IP, app.port)) as s:
@@ -329,9 +323,7 @@ async def test_a_tls_looking_prefix_that_stalls_goes_to_the_handshake_and_its_ti
 @run
 async def test_a_client_that_leaves_before_its_first_bytes_is_recorded_and_never_reaches_the_app(rig: Rig) -> None:
     app = Backend(echo_handler)
-    listener = InboundCapture(
-        inbound_spec(app.port, InboundMode.PERMISSIVE), rig.store, Limits(), rig.metrics, lookup=rig.lookup
-    )
+    listener = rig.inbound(app.port, InboundMode.PERMISSIVE)
 
     try:
         async with serving(listener) as port:
@@ -352,9 +344,7 @@ async def test_a_client_that_leaves_before_its_first_bytes_is_recorded_and_never
 async def test_connections_waiting_for_their_first_bytes_count_toward_max_connections(rig: Rig) -> None:
     app = Backend(echo_handler)
     limits = Limits(max_connections=2)
-    listener = InboundCapture(
-        inbound_spec(app.port, InboundMode.PERMISSIVE), rig.store, limits, rig.metrics, lookup=rig.lookup
-    )
+    listener = rig.inbound(app.port, InboundMode.PERMISSIVE, limits)
     dst = (PEER_IP, app.port)
     try:
         async with serving(listener) as port:
@@ -380,7 +370,7 @@ async def test_connections_waiting_for_their_first_bytes_count_toward_max_connec
 @run
 async def test_outbound_refuses_what_it_must_not_carry(rig: Rig) -> None:
     deny = TransparentOutbound(listen=Address("127.0.0.1", 0), unmatched=Unmatched.DENY)
-    listener = OutboundCapture(deny, rig.store, Limits(), rig.metrics, lookup=rig.lookup)
+    listener = OutboundCapture(deny, rig.store, Limits(), rig.metrics, rig.lookup)
     async with serving(listener) as port:
         assert await asyncio.to_thread(plain_call, rig, port, None, b"x") == b""  # straight to the port
         assert await asyncio.to_thread(plain_call, rig, port, (PEER_IP, 80), b"x") == b""  # no route, deny
