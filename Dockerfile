@@ -1,7 +1,8 @@
 # The sidecar image: the repository installed into a virtualenv at /opt/venv, run as a non-root
 # user, `sidecar` as the entrypoint and `run` as the default command (config from
 # $SIDECAR_CONFIG, /etc/sidecar/sidecar.yaml). The demo apps use the same image with
-# `--entrypoint python3 ... -m sidecar.demo_app`, so one build serves the whole mesh.
+# `--entrypoint python3 ... -m sidecar.demo_app`, and transparent mode's init containers run
+# `sidecar iptables install` from it, so one build serves the whole mesh.
 #
 #   docker build -t sidecar:dev .
 #   docker build --build-arg BASE_IMAGE=localhost/sidecar-base:bookworm -t sidecar:dev .
@@ -24,8 +25,13 @@ RUN /opt/venv/bin/pip install --no-warn-script-location /src \
  && /opt/venv/bin/sidecar --help > /dev/null
 
 FROM ${BASE_IMAGE}
-# A fixed numeric uid/gid, so Kubernetes' runAsNonRoot can check it without a name lookup.
-RUN groupadd --gid 10001 sidecar \
+# iptables, for `sidecar iptables install` (transparent mode's init container runs this image as
+# root with NET_ADMIN). A fixed numeric uid/gid, so Kubernetes' runAsNonRoot can check it without a
+# name lookup.
+RUN apt-get update -q \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends iptables \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
+ && groupadd --gid 10001 sidecar \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
             --shell /usr/sbin/nologin sidecar \
  && mkdir -p /etc/sidecar

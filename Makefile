@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint unit fuzz fuzz-smoke bench bench-deps profile soak test-compose clean
+.PHONY: venv demo demo-transparent test test-netns lint unit fuzz fuzz-smoke bench bench-transparent bench-deps profile soak test-compose clean
 
 venv: $(STAMP)
 
@@ -17,13 +17,22 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(VENV)/bin/sidecar demo
 
+# The same story in transparent mode, in network namespaces, with tcpdump's capture as proof (root).
+demo-transparent: venv
+	$(PY) scripts/demo_transparent.py
+
 lint: venv
 	$(VENV)/bin/ruff check sidecar tests bench fuzz
 	$(VENV)/bin/ruff format --check sidecar tests bench fuzz
 	$(VENV)/bin/mypy sidecar
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not netns"
+
+# Transparent mode in network namespaces (root; iptables, iproute2, tcpdump): skipped with the
+# reason where namespaces cannot be made.
+test-netns: venv
+	$(PY) -m pytest -m netns tests/netns
 
 unit: venv
 	$(PY) -m pytest tests/unit
@@ -49,6 +58,11 @@ bench-deps:
 
 bench: venv
 	$(PY) -m bench
+
+# The bench's sidecar pair in explicit and in transparent (capture) mode, same run, inside a network
+# namespace of its own (root): bench/README.md, "What transparent mode costs".
+bench-transparent: venv
+	bash scripts/bench-transparent.sh
 
 profile: venv
 	$(PY) -m bench --profile

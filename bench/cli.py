@@ -19,9 +19,12 @@ from . import report, tools
 from .pairs import PAIRS, Baseline
 from .procs import BenchError, Procs, sigterm_as_interrupt
 from .runner import Bench, Settings, require_tools
+from .transparent import SidecarTransparent
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_PAIRS = ("direct", "sidecar", "stunnel", "haproxy", "nginx")
+OPT_IN = ("sidecar-transparent",)  # named in --pairs only: it needs a network namespace of its own
+PAIRS[SidecarTransparent.name] = SidecarTransparent()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="py-spy on our sidecar pair under each workload: where its CPU goes (<date>-profile.md)",
     )
-    p.add_argument("--pairs", help=f"comma-separated subset of {','.join(ALL_PAIRS)} (default: all installed)")
+    p.add_argument(
+        "--pairs",
+        help=f"comma-separated subset of {','.join(ALL_PAIRS + OPT_IN)} (default: all installed but {OPT_IN[0]})",
+    )
     p.add_argument(
         "--baseline",
         metavar="REV",
@@ -135,9 +141,9 @@ def run_soak(args: argparse.Namespace) -> int:
 def settings_from(args: argparse.Namespace) -> Settings:
     load = ("python" if args.quick else "tools") if args.load == "auto" else args.load
     pairs = tuple(ALL_PAIRS if not args.pairs else [x.strip() for x in args.pairs.split(",") if x.strip()])
-    unknown = [x for x in pairs if x not in ALL_PAIRS]
+    unknown = [x for x in pairs if x not in ALL_PAIRS + OPT_IN]
     if unknown:
-        raise BenchError(f"--pairs: unknown {', '.join(unknown)} (known: {', '.join(ALL_PAIRS)})")
+        raise BenchError(f"--pairs: unknown {', '.join(unknown)} (known: {', '.join(ALL_PAIRS + OPT_IN)})")
     if getattr(args, "baseline", None) and "sidecar" in pairs:
         at = pairs.index("sidecar") + 1
         pairs = (*pairs[:at], "baseline", *pairs[at:])

@@ -110,9 +110,16 @@ def parse_wrk(out: str, code: int = 0) -> HTTPResult:
 
 
 def iperf3(
-    procs: Procs, iperf3_path: str, port: int, *, duration: float, reverse: bool, env: dict[str, str]
+    procs: Procs,
+    iperf3_path: str,
+    port: int,
+    *,
+    duration: float,
+    reverse: bool,
+    env: dict[str, str],
+    host: str = "127.0.0.1",
 ) -> BulkResult:
-    argv = [iperf3_path, "-c", "127.0.0.1", "-p", str(port), "-t", str(max(1, round(duration))), "-J"]
+    argv = [iperf3_path, "-c", host, "-p", str(port), "-t", str(max(1, round(duration))), "-J"]
     if reverse:
         argv.append("-R")
     code, out = procs.run("iperf3", argv, timeout=duration + 60, env=env)
@@ -220,8 +227,8 @@ def py_http(
     return run_async(_http(port, connections, duration, close, host, path, host_header))
 
 
-async def bulk_transfer(port: int, size: int, reverse: bool) -> BulkResult:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def bulk_transfer(port: int, size: int, reverse: bool, host: str = "127.0.0.1") -> BulkResult:
+    reader, writer = await asyncio.open_connection(host, port)
     started = time.perf_counter()
     try:
         writer.write((b"D" if reverse else b"U") + size.to_bytes(8, "big"))
@@ -248,8 +255,8 @@ async def bulk_transfer(port: int, size: int, reverse: bool) -> BulkResult:
     return BulkResult(got, time.perf_counter() - started)
 
 
-def py_bulk(port: int, *, size: int, reverse: bool) -> BulkResult:
-    return run_async(bulk_transfer(port, size, reverse))
+def py_bulk(port: int, *, size: int, reverse: bool, host: str = "127.0.0.1") -> BulkResult:
+    return run_async(bulk_transfer(port, size, reverse, host))
 
 
 # -- idle connections ----------------------------------------------------------------------------
@@ -267,14 +274,14 @@ class IdleResult:
         return (self.rss_after_kib - self.rss_before_kib) / self.connections if self.connections else 0.0
 
 
-async def _idle(port: int, n: int, rss: Callable[[], int], settle: float) -> IdleResult:
+async def _idle(port: int, n: int, rss: Callable[[], int], settle: float, host: str) -> IdleResult:
     before = rss()
     writers: list[asyncio.StreamWriter] = []
     gate = asyncio.Semaphore(50)
 
     async def one() -> None:
         async with gate:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection(host, port)
             writers.append(writer)
             writer.write(REQUEST)
             await asyncio.wait_for(read_response(reader, until_eof=False), 10)
@@ -290,6 +297,8 @@ async def _idle(port: int, n: int, rss: Callable[[], int], settle: float) -> Idl
     return IdleResult(n - failed, failed, before, after)
 
 
-def idle(port: int, *, connections: int, rss: Callable[[], int], settle: float = 1.0) -> IdleResult:
+def idle(
+    port: int, *, connections: int, rss: Callable[[], int], settle: float = 1.0, host: str = "127.0.0.1"
+) -> IdleResult:
     """Open ``connections`` through the pair, one request each so every hop is up, hold, measure, close."""
-    return run_async(_idle(port, connections, rss, settle))
+    return run_async(_idle(port, connections, rss, settle, host))

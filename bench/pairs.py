@@ -77,7 +77,12 @@ class Running:
     procs: list[Proc] = field(default_factory=list)
     server: Proc | None = None  # whose log tells about handshakes
     parse: Callable[[str], list[Handshake]] | None = None
-    host: str = "127.0.0.1"  # where the load generator connects (only ``direct`` to a --target differs)
+    host: str = "127.0.0.1"  # where the load generator connects (``direct`` to a --target, a capture pair)
+    on_stop: Callable[[], None] | None = None  # after its processes are stopped (a capture pair's rules)
+
+    @property
+    def url_host(self) -> str:
+        return f"[{self.host}]" if ":" in self.host else self.host
 
     def pids(self) -> list[int]:
         return [pid for proc in self.procs for pid in proc.pids()]
@@ -205,7 +210,10 @@ class Sidecar(Pair):
 
     def _run(self, ctx: Ctx, path: Path, cfg: dict[str, Any], name: str) -> Proc:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return ctx.procs.start(name, [sys.executable, "-m", "sidecar", "run", "-c", str(path)], env=self.env(ctx))
+        return ctx.procs.start(name, self.argv(path), env=self.env(ctx))
+
+    def argv(self, config: Path) -> list[str]:
+        return [sys.executable, "-m", "sidecar", "run", "-c", str(config)]
 
     def env(self, ctx: Ctx) -> dict[str, str]:
         return ctx.env

@@ -216,13 +216,16 @@ def summary_table(results: dict[str, Any]) -> list[str]:
         if vals:
             rows.append([f"*sidecar ÷ {label}*"] + [_ratio(results, "sidecar", k, vals) for k in SUMMARY])
     summary = results["summary"]
-    if summary.get("baseline"):  # --baseline REV: the change against its base, same run
+    # --baseline REV: the change against its base; sidecar-transparent: what capture costs. Same run.
+    for pair, base in (("sidecar", "baseline"), ("sidecar-transparent", "sidecar")):
+        if not (summary.get(pair) and summary.get(base)):
+            continue
         ab = {
-            k: summary["sidecar"][k]["median"] / summary["baseline"][k]["median"]
+            k: summary[pair][k]["median"] / summary[base][k]["median"]
             for k in SUMMARY
-            if k in summary.get("sidecar", {}) and k in summary["baseline"] and summary["baseline"][k]["median"]
+            if k in summary[pair] and k in summary[base] and summary[base][k]["median"]
         }
-        rows.append(["*sidecar ÷ baseline*"] + [_ratio(results, "sidecar", k, ab) for k in SUMMARY])
+        rows.append([f"*{pair} ÷ {base}*"] + [_ratio(results, pair, k, ab) for k in SUMMARY])
     return _table(header, rows)
 
 

@@ -161,6 +161,8 @@ class Bench:
             if run is not None:
                 for proc in run.procs:
                     self.procs.stop(proc)
+                if run.on_stop is not None:
+                    run.on_stop()
 
     def measure(self, ctx: Ctx, run: Running, workload: str, info: dict[str, Any]) -> dict[str, float]:
         """Run one workload against a started pair; its figures (and CPU of the pair's processes)."""
@@ -169,7 +171,11 @@ class Bench:
         tools_load = s.load == "tools"
         if workload == "idle":
             res = load.idle(
-                run.http_port, connections=s.idle_connections, rss=lambda: rss_kib(run.pids()), settle=s.idle_hold
+                run.http_port,
+                connections=s.idle_connections,
+                rss=lambda: rss_kib(run.pids()),
+                settle=s.idle_hold,
+                host=run.host,
             )
             if res.failed:
                 raise BenchError(f"{res.failed} of {s.idle_connections} idle connections failed")
@@ -184,7 +190,7 @@ class Bench:
                 http = load.wrk(
                     self.procs,
                     ctx.tools.path("wrk"),
-                    f"http://127.0.0.1:{run.http_port}/",
+                    f"http://{run.url_host}:{run.http_port}/",
                     threads=s.threads,
                     connections=conns,
                     duration=s.duration,
@@ -192,7 +198,7 @@ class Bench:
                     env=ctx.env,
                 )
             else:
-                http = load.py_http(run.http_port, connections=conns, duration=s.duration, close=close)
+                http = load.py_http(run.http_port, connections=conns, duration=s.duration, close=close, host=run.host)
             cpu = cpu_seconds(pids) - cpu0
             if http.requests == 0:
                 raise BenchError(f"{workload}: no request succeeded ({http.errors} errors)")
@@ -218,9 +224,11 @@ class Bench:
             reverse = workload == "bulk_down"
             if tools_load:
                 iperf3 = ctx.tools.path("iperf3")
-                bulk = load.iperf3(self.procs, iperf3, run.bulk_port, duration=s.duration, reverse=reverse, env=ctx.env)
+                bulk = load.iperf3(
+                    self.procs, iperf3, run.bulk_port, duration=s.duration, reverse=reverse, env=ctx.env, host=run.host
+                )
             else:
-                bulk = load.py_bulk(run.bulk_port, size=s.bulk_mb << 20, reverse=reverse)
+                bulk = load.py_bulk(run.bulk_port, size=s.bulk_mb << 20, reverse=reverse, host=run.host)
             cpu = cpu_seconds(pids) - cpu0
             p = "down" if reverse else "up"
             out = {f"{p}_gbps": bulk.gbps}

@@ -12,12 +12,12 @@ import ipaddress
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .config import Address, InboundMode, Route, TransparentInbound, TransparentOutbound, Unmatched
+from .config import TRANSPARENT_INBOUND, Address, InboundMode, Route, TransparentInbound, TransparentOutbound, Unmatched
 from .identity import Pattern
 from .routes import RouteTable
 
 OUTBOUND_LISTENER = "transparent-outbound"  # the `listener` label values (contract section 8)
-INBOUND_LISTENER = "transparent-inbound"
+INBOUND_LISTENER = TRANSPARENT_INBOUND
 
 
 class Action(StrEnum):

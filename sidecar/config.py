@@ -31,6 +31,7 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+TRANSPARENT_INBOUND = "transparent-inbound"  # the listener label of transparent inbound capture
 MAX_UID = 2**32 - 2  # (uid_t)-1 means "no uid" to the kernel
 
 
@@ -241,7 +242,10 @@ class Config:
 
     def tls_servers(self) -> tuple[str, ...]:
         """The listeners that terminate TLS: each gets a server context (and sessions) of its own."""
-        return tuple(i.name for i in self.inbound)
+        names = [i.name for i in self.inbound]
+        if self.transparent is not None and self.transparent.inbound is not None:
+            names.append(TRANSPARENT_INBOUND)
+        return tuple(names)
 
 
 def resolve_path(explicit: str | None) -> Path:

@@ -3,8 +3,10 @@ connections are open on each listener.
 
 A ``Listener`` hands every accepted connection to a ``Connection`` (the driver) with the
 listener's policy, and hears back once, when it has ended, with its ``Record``: it counts it and
-writes the access record. With ``workers: N`` the supervisor binds each listener N times with
-SO_REUSEPORT (``bind_shares``) and its workers serve those sockets (``start(sockets)``).
+writes the access record. A listener that chooses a policy per connection (transparent mode's,
+``sidecar/transparent.py``) is a ``BaseListener`` with its own ``accepted``. With ``workers: N``
+the supervisor binds each listener N times with SO_REUSEPORT (``bind_shares``) and its workers
+serve those sockets (``start(sockets)``).
 """
 
 from __future__ import annotations
@@ -18,22 +20,24 @@ from .config import Address, Limits
 from .connection import Connection, ConnectionPolicy
 from .legs import peer_address
 from .metrics import ListenerMetrics
-from .record import Outcome, Record, log_access
+from .record import Direction, Outcome, Record, log_access
 
 BACKLOG = 4096
 
 
-class Listener:
-    """A listening address, its policy, and the connections open on it."""
+class BaseListener:
+    """A listening address and the connections open on it; ``accepted`` says what a new one becomes."""
 
-    def __init__(self, policy: ConnectionPolicy, listen: Address, limits: Limits, metrics: ListenerMetrics) -> None:
-        self.policy = policy
-        self.name = policy.name
-        self.direction = policy.direction
+    def __init__(
+        self, name: str, direction: Direction, listen: Address, limits: Limits, metrics: ListenerMetrics
+    ) -> None:
+        self.name = name
+        self.direction = direction
         self.listen = listen
         self.limits = limits
         self.metrics = metrics
         self.active: set[Connection] = set()
+        self.choosing = 0  # accepted, not yet given a policy (they count toward max_connections)
         self.servers: list[asyncio.Server] = []
         self.shares: list[list[socket.socket]] = []  # a supervisor's: the sockets its workers serve
         self.on_closed: Callable[[], None] = lambda: None
@@ -42,9 +46,8 @@ class Listener:
         """Listen on ``listen``, or serve ``sockets`` bound by a supervisor (``bind_shares``)."""
         loop = asyncio.get_running_loop()
         if sockets is None:
-            host = self.listen.host or None
             server = await loop.create_server(
-                self._accept, host, self.listen.port, reuse_address=True, backlog=BACKLOG, start_serving=True
+                self._accept, self.hosts(), self.listen.port, reuse_address=True, backlog=BACKLOG, start_serving=True
             )
             self.servers = [server]
             return
@@ -59,7 +62,7 @@ class Listener:
         so that a restarted worker can serve the same share.
         """
         loop = asyncio.get_running_loop()
-        host, port = self.listen.host or None, self.listen.port
+        host, port = self.hosts(), self.listen.port
         for _ in range(count):
             server = await loop.create_server(
                 self._accept, host, port, reuse_address=True, reuse_port=True, backlog=BACKLOG, start_serving=False
@@ -71,6 +74,10 @@ class Listener:
             port = socks[0].getsockname()[1]  # "port 0": every share takes the port the first got
             self.shares.append(socks)
         return self.shares
+
+    def hosts(self) -> str | list[str] | None:
+        """The addresses to bind ``listen``'s port on (None: every address, IPv4 and IPv6)."""
+        return self.listen.host or None
 
     @property
     def bound(self) -> Address | None:
@@ -102,19 +109,38 @@ class Listener:
         log_access(record)
         self.on_closed()
 
-    def _accept(self) -> asyncio.Protocol:
-        if len(self.active) >= self.limits.max_connections:
-            return _Refuse(self)
-        conn = Connection(self, self.policy, asyncio.get_running_loop())
+    def open(self, policy: ConnectionPolicy) -> Connection:
+        """A connection with ``policy``, open on this listener until it has ended (``finished``)."""
+        conn = Connection(self, policy, asyncio.get_running_loop())
         self.active.add(conn)
         self.metrics.opened()
-        return conn.down
+        return conn
+
+    def accepted(self) -> asyncio.Protocol:
+        """The protocol of a connection just accepted (within ``max_connections``)."""
+        raise NotImplementedError
+
+    def _accept(self) -> asyncio.Protocol:
+        if len(self.active) + self.choosing >= self.limits.max_connections:
+            return _Refuse(self)
+        return self.accepted()
+
+
+class Listener(BaseListener):
+    """Every connection gets the same policy."""
+
+    def __init__(self, policy: ConnectionPolicy, listen: Address, limits: Limits, metrics: ListenerMetrics) -> None:
+        super().__init__(policy.name, policy.direction, listen, limits, metrics)
+        self.policy = policy
+
+    def accepted(self) -> asyncio.Protocol:
+        return self.open(self.policy).down
 
 
 class _Refuse(asyncio.Protocol):
     """Over ``max_connections``: close at once, count, log."""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: BaseListener) -> None:
         self.listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -2,7 +2,8 @@
 
 A ``Record`` is made once, when the connection has ended; the access log and the metrics
 subscribe to it (``Listener.finished``). Field names are the access record's (contract section 6,
-plus ``reason``, ``handshake_error`` and ``resumed``).
+plus ``reason``, ``handshake_error`` and ``resumed``; ``original_dst`` from section 8, null when the
+connection was not captured).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Outcome(StrEnum):
     UPSTREAM_ERROR = "upstream_error"  # the target could not be reached, or failed before streaming
     TIMEOUT = "timeout"  # handshake_timeout or idle_timeout
     LIMIT = "limit"  # refused at once: max_connections
+    PASSTHROUGH = "passthrough"  # plain TCP let through (transparent mode: `unmatched: passthrough`, permissive)
 
 
 class Direction(StrEnum):
@@ -36,6 +38,7 @@ class Record:
     direction: Direction
     client: str  # the connecting side's address
     outcome: Outcome
+    original_dst: str | None = None  # transparent mode: where the connection was going (``ip:port``)
     reason: str | None = None  # free text: why it ended so
     peer_identity: str | None = None  # the verified TLS peer, as ``PeerIdentity.describe`` says
     handshake_error: str | None = None  # the handshake failure's class (``tlserrors.REASONS``)
@@ -48,10 +51,12 @@ class Record:
 
 
 def log_access(record: Record) -> None:
-    """The one access record of a connection; ``info`` for ``ok``, ``warning`` otherwise."""
-    level = logging.INFO if record.outcome is Outcome.OK else logging.WARNING
+    """The one access record of a connection; ``info`` for ``ok`` and ``passthrough``, ``warning``
+    otherwise."""
+    level = logging.INFO if record.outcome in _FINE else logging.WARNING
     if ACCESS.isEnabledFor(level):
         event(ACCESS, level, "connection", **{name: getattr(record, name) for name in _FIELDS})
 
 
 _FIELDS = tuple(f.name for f in fields(Record))
+_FINE = frozenset({Outcome.OK, Outcome.PASSTHROUGH})

@@ -14,7 +14,9 @@ object's event methods, and carries out the actions they return, in order. Only 
 come here: the legs move bytes to each other directly. State changes follow ``TRANSITIONS``; an
 event that the current state does not list is a bug in the caller and raises ``RelayBug``. The
 outcome is decided once, when the connection starts to close (a drain's cut keeps an outcome
-already decided).
+already decided). A transparent-mode listener also sets, before the connection starts, where it was
+going (``original_dst``) and whether it is plain TCP let through (``passthrough``: its record says
+``passthrough`` where it would say ``ok``).
 """
 
 from __future__ import annotations
@@ -184,7 +186,9 @@ class Relay:
         "handshake_timeout",
         "idle_timeout",
         "negotiated",
+        "original_dst",
         "outcome",
+        "passthrough",
         "policy",
         "reason",
         "started_at",
@@ -205,6 +209,8 @@ class Relay:
         self.reason: str | None = None
         self.handshake_error: str | None = None
         self.negotiated: Negotiated | None = None
+        self.original_dst: str | None = None
+        self.passthrough = False
         self._eofs: set[Side] = set()
         self._handshake_started = now
         self._moved = 0  # bytes moved both ways when the idle timer last looked
@@ -329,11 +335,15 @@ class Relay:
         """Both legs are gone: the record."""
         self._go(Event.ENDED, now)
         n = self.negotiated
+        outcome = self.outcome or Outcome.OK
+        if outcome is Outcome.OK and self.passthrough:
+            outcome = Outcome.PASSTHROUGH
         record = Record(
             listener=self.policy.name,
             direction=self.policy.direction,
             client=self.client,
-            outcome=self.outcome or Outcome.OK,
+            outcome=outcome,
+            original_dst=self.original_dst,
             reason=self.reason,
             peer_identity=n.peer.describe() if n is not None else None,
             handshake_error=self.handshake_error,

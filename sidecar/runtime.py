@@ -17,11 +17,12 @@ from typing import TypeVar
 
 from .config import Config
 from .errors import SidecarError
-from .listeners import Listener
+from .listeners import BaseListener, Listener
 from .logs import event
 from .metrics import DataMetrics
 from .policies import InboundPolicy, OutboundPolicy
 from .tls import TLSStore
+from .transparent import capture_listeners
 
 log = logging.getLogger("sidecar")
 T = TypeVar("T")
@@ -36,7 +37,7 @@ class Runtime:
         self._closed = asyncio.Event()  # set whenever a connection ends
         self._forced = False
         self._sampler: asyncio.Task[None] | None = None
-        self.listeners: list[Listener] = []
+        self.listeners: list[BaseListener] = []
         self._where: list[str] = []  # each listener's YAML path, for errors
         for i, inbound in enumerate(cfg.inbound):
             policy = InboundPolicy(inbound, store)
@@ -46,6 +47,9 @@ class Runtime:
             out = OutboundPolicy(outbound, store)
             self._add(Listener(out, outbound.listen, cfg.limits, metrics.for_listener(outbound.name, "outbound")))
             self._where.append(f"outbound[{i}].listen")
+        for where, capture in capture_listeners(cfg, store, metrics):
+            self._add(capture)
+            self._where.append(where)
 
     # -- start ------------------------------------------------------------------------------------
 
@@ -112,7 +116,7 @@ class Runtime:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _add(self, listener: Listener) -> None:
+    def _add(self, listener: BaseListener) -> None:
         listener.on_closed = self._closed.set
         self.listeners.append(listener)
 

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -70,6 +71,15 @@ class Namespace:
             raise RuntimeError(f"in {self.name}: {' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
         return done
 
+    def spawn(self, *argv: str, log: Path, uid: int | None = None) -> subprocess.Popen[str]:
+        """A long-running process in the namespace, stopped at teardown; stdout and stderr go to ``log``."""
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                self.argv(argv, uid), stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True
+            )
+        self.procs.append(proc)
+        return proc
+
     def popen(self, *argv: str, uid: int | None = None) -> subprocess.Popen[str]:
         """A long-running process in the namespace, stopped at teardown; stdout is a pipe."""
         proc = subprocess.Popen(
@@ -115,6 +125,8 @@ class Link:
     b_v4: str
     a_v6: str
     b_v6: str
+    a_dev: str = ""  # the interface names, each inside its namespace
+    b_dev: str = ""
 
 
 class Lab:
@@ -124,6 +136,14 @@ class Lab:
         self.run_id = f"{os.getpid()}-{next(_ids)}"
         self.namespaces: list[Namespace] = []
         self._links = 0
+        self._dirs: list[Path] = []
+
+    def workdir(self) -> Path:
+        """A folder every uid can traverse (pytest's own are root's alone), removed at ``close``."""
+        path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{self.run_id}-"))
+        path.chmod(0o755)
+        self._dirs.append(path)
+        return path
 
     def namespace(self, role: str) -> Namespace:
         ns = Namespace(f"{PREFIX}{role}-{self.run_id}")
@@ -138,7 +158,7 @@ class Lab:
         n = len(self.namespaces) * 16 + self._links  # distinct subnets within this lab
         end_a, end_b = f"{PREFIX}{n}a", f"{PREFIX}{n}b"  # at most 15 characters (IFNAMSIZ)
         _ip("link", "add", end_a, "netns", a.name, "type", "veth", "peer", "name", end_b, "netns", b.name)
-        link = Link(f"10.231.{n}.1", f"10.231.{n}.2", f"fd00:231:{n}::1", f"fd00:231:{n}::2")
+        link = Link(f"10.231.{n}.1", f"10.231.{n}.2", f"fd00:231:{n}::1", f"fd00:231:{n}::2", end_a, end_b)
         for ns, end, v4, v6 in ((a, end_a, link.a_v4, link.a_v6), (b, end_b, link.b_v4, link.b_v6)):
             ns.run("ip", "addr", "add", f"{v4}/24", "dev", end)
             ns.run("ip", "-6", "addr", "add", f"{v6}/64", "dev", end, "nodad")
@@ -157,6 +177,9 @@ class Lab:
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "delete", ns.name], capture_output=True, check=False)
         self.namespaces.clear()
+        for path in self._dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        self._dirs.clear()
 
 
 @contextmanager

@@ -58,11 +58,11 @@ with open(sys.argv[1], "rb") as f:
     print(format(x509.load_pem_x509_certificate(f.read()).serial_number, "x"))
 """
 
-# Runs in an app container: one keep-alive HTTP connection to the local sidecar's outbound
-# listener; a request, then (after a line on stdin) a second request on the same connection.
+# Runs in an app container: one keep-alive HTTP connection to the peer, by name, on its real port
+# (captured by the app's sidecar); a request, then (after a line on stdin) a second request on it.
 HELD_CONNECTION = """
 import socket, sys
-s = socket.create_connection(("127.0.0.1", 9001), timeout=15)
+s = socket.create_connection((sys.argv[1], 8080), timeout=15)
 req = b"GET / HTTP/1.1\\r\\nHost: mesh\\r\\nConnection: keep-alive\\r\\n\\r\\n"
 def one():
     s.sendall(req)
@@ -157,22 +157,35 @@ class Mesh:
         except ValueError:
             return status, body
 
+    def outsider_get(self, url: str) -> tuple[int | None, str]:
+        """An HTTP GET from a container on the mesh's network that has no sidecar and no rules."""
+        argv = ("run", "--rm", "--network", f"{self.project}_default", "--entrypoint", "python3", self.image)
+        answer = json.loads(self.podman(*argv, "-c", HTTP_GET, url, timeout=120).stdout)
+        return answer["status"], answer["body"]
+
+    def exit_code(self, service: str) -> int | None:
+        state = self.podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", self.container(service))
+        status, code = state.stdout.split()
+        return int(code) if status == "exited" else None
+
     def host_get(self, url: str) -> tuple[int | None, str]:
         """An HTTP GET from the namespace's own loopback: what a published port shows the host."""
         answer = json.loads(self.run([sys.executable, "-c", HTTP_GET, url]).stdout)
         return answer["status"], answer["body"]
 
-    def peer_serial(self, from_sidecar: str, host: str, port: int = 8443) -> str:
+    def peer_serial(self, from_sidecar: str, host: str, port: int = 8080) -> str:
+        """From inside ``from_sidecar``'s container, as its uid: not captured, so straight to the
+        peer's port, where the peer's sidecar captures it."""
         return self.python(from_sidecar, PEER_SERIAL, host, str(port))
 
     def file_serial(self, service: str, path: str = "/certs/cert.pem") -> str:
         return self.python(service, FILE_SERIAL, path)
 
-    def hold_connection(self, service: str) -> subprocess.Popen[str]:
-        """Start HELD_CONNECTION in ``service``; write a line to its stdin to send the second request."""
+    def hold_connection(self, service: str, peer: str) -> subprocess.Popen[str]:
+        """Start HELD_CONNECTION in ``service`` to ``peer``; a line to its stdin sends the second request."""
         cmd = ["nsenter", f"--net=/run/netns/{self.netns}", "podman", "exec", "-i", self.container(service)]
         return subprocess.Popen(
-            [*cmd, "python3", "-u", "-c", HELD_CONNECTION],
+            [*cmd, "python3", "-u", "-c", HELD_CONNECTION, peer],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -203,11 +216,33 @@ class Mesh:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def up(self) -> None:
+    def up(self, timeout: float = 120.0) -> None:
+        """Bring the mesh up in the order its ``depends_on`` gives, one wave at a time.
+
+        Docker Compose does this itself. podman-compose turns ``depends_on`` into podman's
+        ``--requires``, and podman before 5.6 cannot start a container whose stopped requirement (a
+        finished init service) needs a running container of its own (the app whose network
+        namespace it joined): "depends on container ... not found in input list"
+        (containers/podman#26193). So each wave is started with ``--no-deps`` and this waits for the
+        conditions the file declares (``service_started``: running; ``service_completed_successfully``:
+        exited 0) before the next wave: the same order, checked here rather than by podman."""
         subprocess.run(["ip", "netns", "add", self.netns], check=True)
         subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
         self.env["SIDECAR_IMAGE"] = self.image
-        self.compose("up", "-d", "--no-build")
+        for wave in start_waves(COMPOSE_FILE):
+            self.compose("up", "-d", "--no-build", "--no-deps", *(name for name, _ in wave))
+            for name, condition in wave:
+                if condition is not None:
+                    self.wait_for(f"{name}: {condition}", lambda n=name, c=condition: self._met(n, c), timeout)
+
+    def _met(self, service: str, condition: str) -> bool:
+        state = self.podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", self.container(service))
+        status, code = state.stdout.split()
+        if condition == "service_completed_successfully":
+            if status == "exited" and code != "0":
+                raise AssertionError(f"{service} exited {code}:\n{self.logs_of(service)[-3000:]}")
+            return status == "exited"
+        return status == "running"
 
     def save_logs(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -252,3 +287,32 @@ class Mesh:
                 os.kill(int(pid), signal.SIGTERM)
         subprocess.run(["ip", "netns", "del", self.netns], check=False)
         return problems
+
+
+def start_waves(compose_file: Path) -> list[list[tuple[str, str | None]]]:
+    """The services (without a profile) in layers: each layer depends only on earlier ones; each
+    service with the strongest condition any dependent declares on it (None: nobody waits for it)."""
+    import yaml
+
+    services = {
+        name: spec
+        for name, spec in yaml.safe_load(compose_file.read_text())["services"].items()
+        if "profiles" not in spec
+    }
+    waits: dict[str, str] = {}
+    for spec in services.values():
+        for dep, how in (spec.get("depends_on") or {}).items():
+            condition = how["condition"] if isinstance(how, dict) else "service_started"
+            if waits.get(dep) != "service_completed_successfully":
+                waits[dep] = condition
+    waves: list[list[tuple[str, str | None]]] = []
+    placed: set[str] = set()
+    while len(placed) < len(services):
+        ready = sorted(
+            n for n, spec in services.items() if n not in placed and set(spec.get("depends_on") or {}) <= placed
+        )
+        if not ready:
+            raise AssertionError(f"depends_on has a cycle among {sorted(set(services) - placed)}")
+        waves.append([(n, waits.get(n)) for n in ready])
+        placed.update(ready)
+    return waves

@@ -79,6 +79,7 @@ def test_allowed_and_denied_connections_are_counted_with_their_bytes(
         "upstream_error": 0,
         "timeout": 0,
         "limit": 0,
+        "passthrough": 0,
     }
     assert m.value("sidecar_active_connections", **inbound) == 0
     # the refused peer sent its ping after the handshake, but not one byte of it was forwarded

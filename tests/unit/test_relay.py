@@ -131,6 +131,7 @@ def test_half_close_each_way_then_both_ends_close_gracefully() -> None:
             "127.0.0.1:5000",
         )
         assert rec.duration_ms == pytest.approx(1000.0)
+        assert rec.original_dst is None  # not captured
 
 
 def test_an_end_of_data_held_before_streaming_makes_it_half_closed_at_once() -> None:
@@ -142,6 +143,58 @@ def test_an_end_of_data_held_before_streaming_makes_it_half_closed_at_once() -> 
     r.secured(negotiated(), 100.1, 1.7e9)
     assert r.state is State.HALF_CLOSED
     assert r.eof(Side.UP) == [Close()]
+
+
+# -- transparent mode: where it was going, and plain TCP let through ---------------------------------
+
+
+def test_a_captured_connection_records_its_original_destination() -> None:
+    r = relay(Side.DOWN)
+    r.original_dst = "[fd00::7]:8080"
+    r.started("c", 100.0)
+    r.secured(negotiated(), 100.0, 1.7e9)
+    r.dialled(100.0)
+    r.eof(Side.DOWN)
+    r.eof(Side.UP)
+    (finish,) = r.ended(1, 2, 100.5)
+    assert isinstance(finish, Finish)
+    assert (finish.record.original_dst, finish.record.outcome) == ("[fd00::7]:8080", Outcome.OK)
+
+
+@pytest.mark.parametrize(
+    ("ending", "outcome"),
+    [
+        ("both_eof", Outcome.PASSTHROUGH),  # ended well: let through, not ok (no mTLS was involved)
+        ("lost_streaming", Outcome.PASSTHROUGH),
+        ("client_left_early", Outcome.PASSTHROUGH),
+        ("dial_failed", Outcome.UPSTREAM_ERROR),  # failures keep their own outcome
+        ("cut", Outcome.PASSTHROUGH),
+    ],
+)
+def test_plain_tcp_let_through_ends_as_passthrough_where_it_would_be_ok(ending: str, outcome: Outcome) -> None:
+    r = relay(None, direction=Direction.OUTBOUND)
+    r.passthrough = True
+    r.original_dst = "10.0.0.7:5432"
+    r.started("c", 100.0)
+    if ending == "client_left_early":
+        r.lost(Side.DOWN, None)
+    elif ending == "dial_failed":
+        r.dial_failed("connect to 10.0.0.7:5432: Connection refused")
+    else:
+        r.dialled(100.0)
+        if ending == "both_eof":
+            r.eof(Side.UP)
+            r.eof(Side.DOWN)
+        elif ending == "lost_streaming":
+            r.lost(Side.UP, "ConnectionResetError")
+        else:
+            r.cut("drain_timeout")
+    assert r.state is State.CLOSING
+    (finish,) = r.ended(0, 0, 100.1)
+    assert isinstance(finish, Finish)
+    assert finish.record.outcome is outcome
+    assert finish.record.original_dst == "10.0.0.7:5432"
+    assert finish.record.peer_identity is None and finish.record.tls_version is None
 
 
 # -- refusals: nothing is dialled --------------------------------------------------------------------

@@ -1,0 +1,406 @@
+"""The capture listeners in one process: real sockets on loopback, real TLS, uvloop as in production.
+
+On loopback no nat rule redirects anything, so these tests give the listeners a stand-in for the
+conntrack lookup: the original destination the test registered for the client's source port. The
+lookup itself, and every path through real nat rules, is proved in network namespaces
+(``tests/netns``); the refusal of a connection that was *not* redirected uses the real lookup here.
+Outbound can only be refused on loopback (its destinations are never loopback), so its mTLS and
+passthrough paths are proved in the namespaces too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from prometheus_client import CollectorRegistry
+from support import Backend, CertFactory, CertFiles, client_context, echo_handler, recv_exactly
+
+from sidecar import transparent
+from sidecar.capture import INBOUND_LISTENER
+from sidecar.config import (
+    Address,
+    InboundMode,
+    Limits,
+    TLSFiles,
+    Transparent,
+    TransparentInbound,
+    TransparentOutbound,
+    TransparentPort,
+    Unmatched,
+    parse,
+)
+from sidecar.errors import SidecarError
+from sidecar.identity import parse_pattern
+from sidecar.logs import ACCESS
+from sidecar.metrics import DataMetrics
+from sidecar.origdst import Socket, original_dst
+from sidecar.tls import TLSStore
+from sidecar.transparent import CaptureListener, InboundCapture, OutboundCapture, capture_listeners
+
+LIMIT = 10.0
+PEER_IP = "10.231.0.7"  # a destination the listeners only see as data: nothing is sent there
+
+
+@dataclass
+class Rig:
+    store: TLSStore
+    registry: CollectorRegistry
+    metrics: DataMetrics
+    ca: CertFactory
+    records: list[dict[str, Any]]
+    dsts: dict[int, tuple[str, int]] = field(default_factory=dict)
+
+    def lookup(self, sock: Socket) -> tuple[str, int] | None:
+        """What conntrack would say: the destination registered for the client's source port, else
+        what conntrack does say (for a connection straight to the capture port: nothing)."""
+        registered = self.dsts.get(sock.getpeername()[1])  # type: ignore[attr-defined]
+        return registered if registered is not None else original_dst(sock)
+
+    def count(self, listener: str, outcome: str) -> float:
+        direction = "inbound" if listener.endswith("inbound") else "outbound"
+        labels = {"listener": listener, "direction": direction, "outcome": outcome}
+        return self.registry.get_sample_value("sidecar_connections_total", labels) or 0.0
+
+    def inbound(self, app_port: int, mode: InboundMode, limits: Limits | None = None) -> InboundCapture:
+        """transparent-inbound for one app port, allowing spiffe://mesh.local/frontend there."""
+        return InboundCapture(inbound_spec(app_port, mode), self.store, limits or Limits(), self.metrics, self.lookup)
+
+    async def record(self, n: int = 1) -> list[dict[str, Any]]:
+        """The access records, once there are ``n``."""
+        await eventually(lambda: len(self.records) >= n)
+        return self.records
+
+
+async def eventually(predicate: Callable[[], Any]) -> None:
+    deadline = time.monotonic() + LIMIT
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+class _Collect(logging.Handler):
+    def __init__(self, out: list[dict[str, Any]]) -> None:
+        super().__init__(logging.INFO)
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append({"level": record.levelname, **getattr(record, "fields", {})})
+
+
+@contextlib.asynccontextmanager
+async def make_rig(ca: CertFactory, leaf: CertFiles) -> AsyncIterator[Rig]:
+    store = TLSStore(TLSFiles(leaf.cert, leaf.key, ca.ca_file), listeners=[INBOUND_LISTENER])
+    await store.load()
+    registry = CollectorRegistry()
+    records: list[dict[str, Any]] = []
+    handler, level = _Collect(records), ACCESS.level
+    ACCESS.addHandler(handler)
+    ACCESS.setLevel(logging.INFO)
+    try:
+        yield Rig(store, registry, DataMetrics(registry), ca, records)
+    finally:
+        ACCESS.removeHandler(handler)
+        ACCESS.setLevel(level)
+
+
+def inbound_spec(app_port: int, mode: InboundMode, allow: str = "spiffe://mesh.local/frontend") -> TransparentInbound:
+    port = TransparentPort(app_port, (parse_pattern(allow),))
+    return TransparentInbound(listen=Address("127.0.0.1", 0), ports=(port,), mode=mode)
+
+
+@contextlib.asynccontextmanager
+async def serving(listener: CaptureListener) -> AsyncIterator[int]:
+    await listener.start()
+    try:
+        bound = listener.bound
+        assert bound is not None
+        yield bound.port
+    finally:
+        listener.stop_accepting()
+        for conn in list(listener.active):
+            conn.cut("test over")
+        await listener.wait_closed()
+
+
+def connect(rig: Rig, port: int, dst: tuple[str, int] | None, host: str = "127.0.0.1") -> socket.socket:
+    """A client socket connected to the capture port, its original destination registered first."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(LIMIT)
+    sock.bind((host, 0))
+    if dst is not None:
+        rig.dsts[sock.getsockname()[1]] = dst
+    sock.connect((host, port))
+    return sock
+
+
+def tls_call(rig: Rig, port: int, dst: tuple[str, int], leaf: CertFiles | None, payload: bytes) -> bytes:
+    """Connect as a meshed peer, send ``payload``, read as much back (empty: refused)."""
+    ctx = client_context(leaf, rig.ca.ca_file)
+    with connect(rig, port, dst) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        try:
+            s.sendall(payload)
+            return recv_exactly(s, len(payload))
+        except (ssl.SSLError, OSError, AssertionError):
+            return b""
+
+
+def plain_call(rig: Rig, port: int, dst: tuple[str, int] | None, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    with connect(rig, port, dst, host) as s:
+        try:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+        except OSError:
+            return b""
+
+
+def run(scenario: Callable[[Rig], Any]) -> Callable[[CertFactory, CertFiles], None]:
+    def test(ca: CertFactory, server_leaf: CertFiles) -> None:
+        async def main() -> None:
+            async with make_rig(ca, server_leaf) as rig:
+                await scenario(rig)
+
+        uvloop.run(main())
+
+    test.__name__, test.__doc__ = scenario.__name__, scenario.__doc__
+    return test
+
+
+# -- inbound, strict ------------------------------------------------------------------------------
+
+
+@run
+async def test_strict_inbound_lets_an_allowed_peer_reach_the_app_and_nobody_else(rig: Rig) -> None:
+    app = Backend(echo_handler)
+    listener = rig.inbound(app.port, InboundMode.STRICT)
+    dst = (PEER_IP, app.port)
+    try:
+        async with serving(listener) as port:
+            frontend, stranger = rig.ca.leaf("frontend"), rig.ca.leaf("stranger")
+            assert await asyncio.to_thread(tls_call, rig, port, dst, frontend, b"hello app") == b"hello app"
+            assert await asyncio.to_thread(tls_call, rig, port, dst, stranger, b"let me in") == b""
+            assert await asyncio.to_thread(plain_call, rig, port, dst, b"GET / HTTP/1.0\r\n\r\n") == b""
+            records = await rig.record(3)
+    finally:
+        app.close()
+    assert app.accepts == 1  # the refused two never reached the app
+    by_outcome = {r["outcome"]: r for r in records}
+    assert set(by_outcome) == {"ok", "denied", "tls_error"}
+    for r in records:
+        assert (r["listener"], r["direction"], r["original_dst"]) == (
+            "transparent-inbound",
+            "inbound",
+            f"{PEER_IP}:{app.port}",
+        )
+    assert by_outcome["ok"]["peer_identity"] == "spiffe://mesh.local/frontend"
+    assert by_outcome["ok"]["tls_version"] == "TLSv1.3"
+    assert "spiffe://mesh.local/stranger" in by_outcome["denied"]["reason"]
+    assert [rig.count("transparent-inbound", o) for o in ("ok", "denied", "tls_error", "passthrough")] == [1, 1, 1, 0]
+
+
+@run
+async def test_inbound_refuses_a_port_it_does_not_capture_and_a_connection_not_redirected(rig: Rig) -> None:
+    listener = rig.inbound(9, InboundMode.PERMISSIVE)
+    async with serving(listener) as port:
+        # straight to the capture port, IPv4 and IPv6: conntrack has no original destination for it
+        assert await asyncio.to_thread(plain_call, rig, port, None, b"hello") == b""
+        v6 = [s.getsockname()[1] for srv in listener.servers for s in srv.sockets if s.family == socket.AF_INET6]
+        if v6:
+            assert await asyncio.to_thread(plain_call, rig, v6[0], None, b"hello", "::1") == b""
+        assert await asyncio.to_thread(plain_call, rig, port, (PEER_IP, 5432), b"hello") == b""
+        records = await rig.record(3 if v6 else 2)
+    assert [r["reason"] for r in records] == ["not_redirected"] * (2 if v6 else 1) + ["port_not_captured"]
+    assert [r["original_dst"] for r in records] == [None] * (len(records) - 1) + [f"{PEER_IP}:5432"]
+    assert {r["outcome"] for r in records} == {"denied"}
+    assert rig.count("transparent-inbound", "denied") == len(records)
+
+
+# -- inbound, permissive --------------------------------------------------------------------------
+
+
+@run
+async def test_permissive_inbound_lets_plaintext_through_and_still_checks_tls_peers(rig: Rig) -> None:
+    app = Backend(echo_handler)
+    listener = rig.inbound(app.port, InboundMode.PERMISSIVE)
+    dst = (PEER_IP, app.port)
+    request = b"GET / HTTP/1.1\r\nHost: app\r\n\r\n"
+    try:
+        async with serving(listener) as port:
+            assert await asyncio.to_thread(plain_call, rig, port, dst, request) == request
+            assert await asyncio.to_thread(tls_call, rig, port, dst, rig.ca.leaf("frontend"), b"meshed") == b"meshed"
+            assert await asyncio.to_thread(tls_call, rig, port, dst, rig.ca.leaf("stranger"), b"meshed") == b""
+
+            # one byte at a time: held until they decide, then handed on unchanged
+            def dribble() -> bytes:
+                with connect(rig, port, dst) as s:
+                    for b in request:
+                        s.sendall(bytes([b]))
+                    s.shutdown(socket.SHUT_WR)
+                    return recv_exactly(s, len(request))
+
+            assert await asyncio.to_thread(dribble) == request
+            records = await rig.record(4)
+    finally:
+        app.close()
+    assert [r["outcome"] for r in records].count("passthrough") == 2
+    assert app.accepts == 3  # the stranger never reached the app
+    passed = [r for r in records if r["outcome"] == "passthrough"]
+    assert all(r["peer_identity"] is None and r["tls_version"] is None for r in passed)
+    assert {r["level"] for r in passed} == {"INFO"}  # expected in permissive mode: not a warning
+    assert all(r["bytes_to_upstream"] == len(request) for r in passed)
+    assert rig.count("transparent-inbound", "passthrough") == 2
+    assert rig.count("transparent-inbound", "ok") == 1
+    assert rig.count("transparent-inbound", "denied") == 1
+
+
+def greeter(conn: socket.socket) -> None:
+    conn.sendall(b"220 app ready\r\n")  # the server speaks first, as SMTP or MySQL
+    echo_handler(conn)
+
+
+@run
+async def test_permissive_inbound_passes_a_silent_client_through_after_the_peek_timeout(rig: Rig) -> None:
+    app = Backend(greeter)
+    listener = rig.inbound(app.port, InboundMode.PERMISSIVE)
+
+    def wait_for_greeting(port: int) -> tuple[bytes, float]:
+        with connect(rig, port, (PEER_IP, app.port)) as s:
+            t0 = time.monotonic()
+            greeting = recv_exactly(s, 15)
+            return greeting, time.monotonic() - t0
+
+    try:
+        async with serving(listener) as port:
+            greeting, waited = await asyncio.to_thread(wait_for_greeting, port)
+            records = await rig.record(1)
+    finally:
+        app.close()
+    assert greeting == b"220 app ready\r\n"
+    assert waited >= transparent.PEEK_TIMEOUT * 0.9  # it waited for a first byte that never came
+    assert records[0]["outcome"] == "passthrough"
+    assert records[0]["duration_ms"] >= transparent.PEEK_TIMEOUT * 900  # the wait is part of its life
+
+
+@run
+async def test_a_tls_looking_prefix_that_stalls_goes_to_the_handshake_and_its_timeout(rig: Rig) -> None:
+    app = Backend(echo_handler)
+    limits = Limits(handshake_timeout=0.5)
+    listener = rig.inbound(app.port, InboundMode.PERMISSIVE, limits)
+
+    def stall(port: int) -> bytes:
+        with connect(rig, port, (PEER_IP, app.port)) as s:
+            s.sendall(b"\x16\x03\x01")  # a ClientHello's record header, then nothing
+            try:
+                return s.recv(100)
+            except OSError:
+                return b""
+
+    try:
+        async with serving(listener) as port:
+            assert await asyncio.to_thread(stall, port) == b""
+            records = await rig.record(1)
+    finally:
+        app.close()
+    assert (records[0]["outcome"], records[0]["handshake_error"]) == ("timeout", "timeout")
+    assert app.accepts == 0
+
+
+@run
+async def test_a_client_that_leaves_before_its_first_bytes_is_recorded_and_never_reaches_the_app(rig: Rig) -> None:
+    app = Backend(echo_handler)
+    listener = rig.inbound(app.port, InboundMode.PERMISSIVE)
+
+    try:
+        async with serving(listener) as port:
+            s = await asyncio.to_thread(connect, rig, port, (PEER_IP, app.port))
+            await eventually(lambda: listener.choosing == 1)  # waiting for its first bytes
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()  # a reset, before a byte
+            records = await rig.record(1)
+            assert listener.peeking == set() and listener.choosing == 0
+    finally:
+        app.close()
+    assert (records[0]["outcome"], records[0]["original_dst"]) == ("ok", f"{PEER_IP}:{app.port}")
+    assert app.accepts == 0
+    assert rig.count("transparent-inbound", "ok") == 1
+
+
+@run
+async def test_connections_waiting_for_their_first_bytes_count_toward_max_connections(rig: Rig) -> None:
+    app = Backend(echo_handler)
+    limits = Limits(max_connections=2)
+    listener = rig.inbound(app.port, InboundMode.PERMISSIVE, limits)
+    dst = (PEER_IP, app.port)
+    try:
+        async with serving(listener) as port:
+            silent = [await asyncio.to_thread(connect, rig, port, dst) for _ in range(2)]
+            await eventually(lambda: listener.choosing == 2)
+            assert await asyncio.to_thread(plain_call, rig, port, dst, b"one too many") == b""
+            records = await rig.record(1)
+            assert records[0]["outcome"] == "limit"
+            listener.stop_accepting()  # a drain decides the waiting ones now: plain TCP to the app
+            assert listener.choosing == 0 and len(listener.active) == 2
+            for s in silent:
+                s.sendall(b"late")
+                assert await asyncio.to_thread(recv_exactly, s, 4) == b"late"
+                s.close()
+    finally:
+        app.close()
+    assert app.accepts == 2
+
+
+# -- outbound: only its refusals can be shown on loopback -----------------------------------------
+
+
+@run
+async def test_outbound_refuses_what_it_must_not_carry(rig: Rig) -> None:
+    deny = TransparentOutbound(listen=Address("127.0.0.1", 0), unmatched=Unmatched.DENY)
+    listener = OutboundCapture(deny, rig.store, Limits(), rig.metrics, rig.lookup)
+    async with serving(listener) as port:
+        assert await asyncio.to_thread(plain_call, rig, port, None, b"x") == b""  # straight to the port
+        assert await asyncio.to_thread(plain_call, rig, port, (PEER_IP, 80), b"x") == b""  # no route, deny
+        assert await asyncio.to_thread(plain_call, rig, port, ("127.0.0.1", 80), b"x") == b""  # never loopback
+        assert await asyncio.to_thread(plain_call, rig, port, ("::1", 80), b"x") == b""
+        records = await rig.record(4)
+    assert [(r["reason"], r["original_dst"]) for r in records] == [
+        ("not_redirected", None),
+        ("no_route", f"{PEER_IP}:80"),
+        ("loopback_destination", "127.0.0.1:80"),
+        ("loopback_destination", "[::1]:80"),
+    ]
+    assert {(r["listener"], r["direction"], r["outcome"]) for r in records} == {
+        ("transparent-outbound", "outbound", "denied")
+    }
+    assert rig.count("transparent-outbound", "denied") == 4
+
+
+# -- the uid ------------------------------------------------------------------------------------
+
+
+def test_the_sidecar_must_run_as_transparent_uid(tmp_path: Path) -> None:
+    cfg = parse(
+        {
+            "tls": {"cert": "c.pem", "key": "k.pem", "ca": "ca.pem"},
+            "transparent": {"uid": 10001, "outbound": {"listen": "127.0.0.1:15001"}},
+        },
+        base_dir=tmp_path,
+    )
+    assert isinstance(cfg.transparent, Transparent)
+    with pytest.raises(SidecarError, match=r"^transparent\.uid: the sidecar runs as uid \d+, not 10001"):
+        capture_listeners(cfg, TLSStore(cfg.tls), DataMetrics(CollectorRegistry()))
