@@ -1,9 +1,10 @@
 """What each kind of listener does with a connection: the policies the relay asks.
 
 Inbound: we terminate TLS on the connecting side (client certificate required), check ``allow``,
-then dial ``forward``. Outbound: we dial ``upstream`` first, originate TLS (offering the newest
-session from that upstream), check ``server_identity`` (or, without it, OpenSSL checks the host
-name), then let the app's bytes through. A policy only decides; the driver does the I/O.
+then dial ``forward``, telling the app who is calling if asked (``forwarding``). Outbound: we dial
+``upstream`` first, originate TLS (offering the newest session from that upstream), check
+``server_identity`` (or, without it, OpenSSL checks the host name), then let the app's bytes
+through. A policy only decides; the driver does the I/O.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .config import Address, Inbound, Outbound, is_ip
+from .forwarding import Forwarding
 from .identity import Pattern, PeerIdentity, is_allowed
 from .record import Direction
 from .relay import Side
@@ -37,6 +39,7 @@ class InboundPolicy:
         self.spec = spec
         self.name = spec.name
         self.store = store
+        self.forwarding = Forwarding.of(spec, store)  # proxy_protocol, client_cert_header
 
     def tls_engine(self) -> TLSEngine:
         return TLSEngine(self.store.material.server_ctx, server_side=True)
@@ -53,6 +56,7 @@ class OutboundPolicy:
 
     direction = Direction.OUTBOUND
     tls_side = Side.UP
+    forwarding = None
 
     def __init__(self, spec: Outbound, store: TLSStore) -> None:
         self.spec = spec
