@@ -12,9 +12,9 @@ rewriter, so connections without either setting keep the plain per-chunk path.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import xfcc
-from .config import Inbound
 from .errors import HTTPRefusal, Refusal
 from .http1 import XfccRewriter
 from .identity import from_certificate
@@ -32,6 +32,16 @@ class Introduction:
     rewriter: XfccRewriter | None  # what the caller's bytes pass on their way (None: they pass as they are)
 
 
+class Keys(Protocol):
+    """Where the two settings are written: an ``Inbound`` listener or a ``TransparentPort``."""
+
+    @property
+    def proxy_protocol(self) -> Mode | None: ...
+
+    @property
+    def client_cert_header(self) -> str | None: ...
+
+
 class Forwarding:
     """One listener's (or one transparent inbound port's) two settings."""
 
@@ -46,7 +56,7 @@ class Forwarding:
             _keep_sni(store)  # PP2_TYPE_AUTHORITY: only then does a handshake keep the server name
 
     @classmethod
-    def of(cls, spec: Inbound, store: TLSStore) -> Forwarding | None:
+    def of(cls, spec: Keys, store: TLSStore) -> Forwarding | None:
         """The forwarding ``spec`` asks for; None when it asks for none."""
         if spec.proxy_protocol is None and spec.client_cert_header is None:
             return None

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from proxyprotocol.v2 import ProxyProtocolV2
 from support import TD, CertFactory, CertFiles, client_context
 
-from sidecar.config import Address, Inbound, TLSFiles
+from sidecar.config import Address, Inbound, TLSFiles, TransparentPort
 from sidecar.errors import HTTPRefusal, ProxyHeaderError
 from sidecar.forwarding import Forwarding, describe, outcome_of
 from sidecar.proxy_protocol import Mode
@@ -107,8 +107,11 @@ def test_a_plain_caller_gets_the_conn_header_and_no_xfcc_at_all(ca: CertFactory)
 
 
 def test_no_settings_no_forwarding(ca: CertFactory) -> None:
-    spec = Inbound("orders", Address("127.0.0.1", 0), Address("127.0.0.1", 1), ())
-    assert Forwarding.of(spec, new_store(ca)) is None
+    store = new_store(ca)
+    assert Forwarding.of(Inbound("orders", Address("127.0.0.1", 0), Address("127.0.0.1", 1), ()), store) is None
+    assert Forwarding.of(TransparentPort(8080, ()), store) is None
+    port = Forwarding.of(TransparentPort(8080, (), proxy_protocol=Mode.CONN), store)  # a captured port: the same
+    assert port is not None and port.proxy_protocol is Mode.CONN and not port.xfcc
 
 
 @pytest.mark.parametrize(
