@@ -144,8 +144,7 @@ class Connection:
         self._maybe_ended()
 
     def leg_refused(self, leg: Leg, refusal: HTTPRefusal, *, close: bool) -> None:
-        abort = leg.side if refusal.partial else None
-        self._run(self.relay.refused(outcome_of(refusal), describe(refusal), close=close, abort=abort))
+        self._refuse(refusal, close=close, abort=leg.side if refusal.partial else None)
 
     # -- actions ----------------------------------------------------------------------------------
 
@@ -229,9 +228,12 @@ class Connection:
         try:
             self.introduction = forwarding.introduce(source, destination, tls, self.relay.negotiated)
         except Refusal as refusal:
-            self._run(self.relay.refused(outcome_of(refusal), describe(refusal)))
+            self._refuse(refusal)
             return False
         return True
+
+    def _refuse(self, refusal: Refusal, *, close: bool = True, abort: Side | None = None) -> None:
+        self._run(self.relay.refused(outcome_of(refusal), describe(refusal), close=close, abort=abort))
 
     def _dial_failed(self, reason: str) -> None:
         self._run(self.relay.dial_failed(reason))

@@ -656,22 +656,28 @@ def _client(rec: dict[str, Any]) -> str:
     return str(rec["client"])
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (make bench-deps installs it)")
-def test_nginx_reads_the_callers_address_from_our_header(mesh: Mesh) -> None:
-    before = len(records(mesh.inbound, "nginx"))
-    [(status, _, body)] = exchange(mesh.port("nginx"), get("/"))
-    rec = next_record(mesh.inbound, "nginx", before)
+@pytest.mark.parametrize(
+    ("listener", "answer"),
+    [
+        pytest.param(
+            "nginx",  # $proxy_protocol_addr:$proxy_protocol_port $proxy_protocol_server_port
+            "{client} {port}",
+            marks=pytest.mark.skipif(NGINX is None, reason="nginx is not installed (make bench-deps installs it)"),
+        ),
+        pytest.param(
+            "haproxy",  # %[src]:%[src_port] %[dst_port] %[fc_pp_authority]
+            "{client} {port} orders.mesh.local",
+            marks=pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (make bench-deps installs it)"),
+        ),
+    ],
+)
+def test_a_server_that_reads_proxy_headers_sees_the_caller(mesh: Mesh, listener: str, answer: str) -> None:
+    """The address nginx or HAProxy reports is the one the inbound sidecar logged as the caller's."""
+    before = len(records(mesh.inbound, listener))
+    [(status, _, body)] = exchange(mesh.port(listener), get("/"))
+    rec = next_record(mesh.inbound, listener, before)
     assert status == 200
-    assert body.decode() == f"{_client(rec)} {mesh.inbound.port('nginx')}"
-
-
-@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (make bench-deps installs it)")
-def test_haproxy_reads_our_header(mesh: Mesh) -> None:
-    before = len(records(mesh.inbound, "haproxy"))
-    [(status, _, body)] = exchange(mesh.port("haproxy"), get("/"))
-    rec = next_record(mesh.inbound, "haproxy", before)
-    assert status == 200
-    assert body.decode() == f"{_client(rec)} {mesh.inbound.port('haproxy')} orders.mesh.local"
+    assert body.decode() == answer.format(client=rec["client"], port=mesh.inbound.port(listener))
 
 
 BIG_ID = f"{TD}/big/" + "x" * 1000

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvloop
+from support import tcp_pair
 
 from sidecar.errors import HTTPRefusal, PeerError
 from sidecar.http1 import XfccRewriter
@@ -104,18 +105,6 @@ class Rig:
         return transport is not None and transport.is_reading()
 
 
-async def _pair() -> tuple[socket.socket, socket.socket]:
-    loop = asyncio.get_running_loop()
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        server.setblocking(False)
-        far = socket.socket()
-        far.setblocking(False)
-        await loop.sock_connect(far, server.getsockname())
-        mine, _ = await loop.sock_accept(server)
-    mine.setblocking(False)
-    return mine, far
-
-
 @contextlib.asynccontextmanager
 async def rig() -> AsyncIterator[Rig]:
     loop = asyncio.get_running_loop()
@@ -123,9 +112,9 @@ async def rig() -> AsyncIterator[Rig]:
     caller_leg = Leg(driver, Side.DOWN)
     app_leg = RewritingLeg(driver, Side.UP, XfccRewriter(LINE))
     driver.legs = [caller_leg, app_leg]
-    mine, caller = await _pair()
+    mine, caller = await tcp_pair()
     await loop.connect_accepted_socket(lambda: caller_leg, mine)
-    mine2, app = await _pair()
+    mine2, app = await tcp_pair()
     await loop.connect_accepted_socket(lambda: app_leg, mine2)
     caller_leg.other, app_leg.other = app_leg, caller_leg
     caller_leg.start_streaming(app_leg)
@@ -220,3 +209,22 @@ async def test_a_cut_request_resets_the_app(r: Rig) -> None:
             pass
     assert b"ZZ" not in received
     assert await r.recv(r.caller, 100) == b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+@under_uvloop
+async def test_a_slow_app_pauses_the_caller_and_a_fast_one_resumes_it(r: Rig) -> None:
+    head = b"POST /big HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000000\r\n\r\n"
+    await r.send(r.caller, head)
+    chunk, sent = b"x" * 65536, 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LIMIT
+    while r.caller_reading():  # the app reads nothing: its leg's buffer fills, the caller's leg stops
+        assert loop.time() < deadline, "the caller's leg never stopped reading"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(r.send(r.caller, chunk), 0.5)
+            sent += len(chunk)
+    assert r.app_leg.transport is not None
+    assert r.app_leg.transport.get_write_buffer_size() <= 1024 * 1024
+    expected = head[:-2] + LINE + b"\r\n\r\n" + chunk * (sent // len(chunk))
+    assert await r.recv(r.app, len(expected)) == expected  # reading resumes, nothing lost
+    await r.until(r.caller_reading)
