@@ -45,11 +45,11 @@ class Keys(Protocol):
 class Forwarding:
     """One listener's (or one transparent inbound port's) two settings."""
 
-    __slots__ = ("_own", "proxy_protocol", "store", "xfcc")
+    __slots__ = ("_own", "proxy_protocol", "store", "xfcc_header")
 
     def __init__(self, proxy_protocol: Mode | None, client_cert_header: str | None, store: TLSStore) -> None:
         self.proxy_protocol = proxy_protocol
-        self.xfcc = client_cert_header == "xfcc"
+        self.xfcc_header = client_cert_header == "xfcc"
         self.store = store
         self._own: tuple[Material | None, str | None] = (None, None)
         if proxy_protocol in (Mode.TLS, Mode.TLS_FULL):
@@ -88,7 +88,7 @@ class Forwarding:
                 )
             preamble = build_header(self.proxy_protocol, facts)
         rewriter = None
-        if self.xfcc:
+        if self.xfcc_header:
             rewriter = XfccRewriter(xfcc.header_line(self._own_uri(), der) if der is not None else None)
         return Introduction(preamble, rewriter)
 

@@ -111,7 +111,7 @@ def test_no_settings_no_forwarding(ca: CertFactory) -> None:
     assert Forwarding.of(Inbound("orders", Address("127.0.0.1", 0), Address("127.0.0.1", 1), ()), store) is None
     assert Forwarding.of(TransparentPort(8080, ()), store) is None
     port = Forwarding.of(TransparentPort(8080, (), proxy_protocol=Mode.CONN), store)  # a captured port: the same
-    assert port is not None and port.proxy_protocol is Mode.CONN and not port.xfcc
+    assert port is not None and port.proxy_protocol is Mode.CONN and not port.xfcc_header
 
 
 @pytest.mark.parametrize(
