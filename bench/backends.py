@@ -2,8 +2,10 @@
 
 HTTP: nginx answering ``200 ok`` from memory (one worker, no access log, keep-alive without a
 request limit), so it is never the bottleneck; the pure-Python server of ``pyserve`` when nginx is
-missing. Bulk: ``iperf3 -s`` when the tools load is used, else ``pyserve``'s bulk port. All pairs
-share the same backends, so the backend's cost is the same for everyone and not counted.
+missing. nginx also answers on a second port that expects a PROXY protocol header first
+(``listen ... proxy_protocol``), for the pair whose server side sends one (``--forwarding``).
+Bulk: ``iperf3 -s`` when the tools load is used, else ``pyserve``'s bulk port. All pairs share the
+same backends, so the backend's cost is the same for everyone and not counted.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Backends:
     http_kind: str  # nginx | python | target
     bulk_kind: str  # iperf3 | python | target
     host: str = "127.0.0.1"
+    http_proxy_port: int | None = None  # the HTTP backend reading a PROXY header first (nginx only)
 
 
 def start(procs: Procs, tools: Tools, env: dict[str, str], *, tools_load: bool, fd_limit: int) -> Backends:
@@ -38,8 +41,9 @@ def start(procs: Procs, tools: Tools, env: dict[str, str], *, tools_load: bool, 
             py = (int(found.group(1)), int(found.group(2)))
         return py
 
+    proxy_port = None
     if "nginx" in tools.paths:
-        http_port, http_kind = _nginx_http(procs, tools, env, fd_limit), "nginx"
+        (http_port, proxy_port), http_kind = _nginx_http(procs, tools, env, fd_limit), "nginx"
     else:
         http_port, http_kind = python_backend()[0], "python"
     if tools_load:
@@ -50,7 +54,7 @@ def start(procs: Procs, tools: Tools, env: dict[str, str], *, tools_load: bool, 
         bulk_kind = "iperf3"
     else:
         bulk_port, bulk_kind = python_backend()[1], "python"
-    return Backends(http_port, bulk_port, http_kind, bulk_kind)
+    return Backends(http_port, bulk_port, http_kind, bulk_kind, http_proxy_port=proxy_port)
 
 
 NGINX_HTTP = """\
@@ -75,18 +79,25 @@ http {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{ return 200 "ok\\n"; }}
     }}
+    server {{
+        listen 127.0.0.1:{proxy_port} proxy_protocol backlog=4096;
+        client_header_buffer_size 4k;  # a tls-full header carries the client certificate
+        location / {{ return 200 "ok\\n"; }}
+    }}
 }}
 """
 
 
-def _nginx_http(procs: Procs, tools: Tools, env: dict[str, str], fd_limit: int) -> int:
+def _nginx_http(procs: Procs, tools: Tools, env: dict[str, str], fd_limit: int) -> tuple[int, int]:
+    """nginx's plain HTTP port and its port that reads a PROXY header first."""
     d = procs.folder("backend-nginx")
-    port = free_port()
+    port, proxy_port = free_port(), free_port()
     conf = d / "nginx.conf"
-    conf.write_text(NGINX_HTTP.format(d=d, port=port, nofile=fd_limit, conns=max(1024, fd_limit - 100)))
+    conns = max(1024, fd_limit - 100)
+    conf.write_text(NGINX_HTTP.format(d=d, port=port, proxy_port=proxy_port, nofile=fd_limit, conns=conns))
     proc = procs.start("backend-nginx", nginx_argv(tools, d, conf), env=env)
-    wait_listening(proc, [port])
-    return port
+    wait_listening(proc, [port, proxy_port])
+    return port, proxy_port
 
 
 def nginx_argv(tools: Tools, folder: Path, conf: Path) -> list[str]:

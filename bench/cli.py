@@ -16,9 +16,9 @@ from datetime import date
 from pathlib import Path
 
 from . import report, tools
-from .pairs import PAIRS, Baseline
+from .pairs import FORWARDING, PAIRS, Baseline
 from .procs import BenchError, Procs, sigterm_as_interrupt
-from .runner import Bench, Settings, require_tools
+from .runner import WORKLOADS, Bench, Settings, require_tools
 from .transparent import SidecarTransparent
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         metavar="REV",
         help="also measure our sidecar pair as of git revision REV (pair 'baseline'), interleaved in the same run",
+    )
+    p.add_argument(
+        "--forwarding",
+        action="store_true",
+        help="also measure our pair with client_cert_header: xfcc and with proxy_protocol: tls-full on its server "
+        "side (pairs sidecar-xfcc, sidecar-proxy; keep-alive only), interleaved in the same run",
+    )
+    p.add_argument(
+        "--workloads",
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all): more repetitions of fewer workloads",
     )
     p.add_argument("--reps", type=int, help="repetitions (default 5; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per workload (default 3; quick 0.3)")
@@ -141,9 +151,13 @@ def run_soak(args: argparse.Namespace) -> int:
 def settings_from(args: argparse.Namespace) -> Settings:
     load = ("python" if args.quick else "tools") if args.load == "auto" else args.load
     pairs = tuple(ALL_PAIRS if not args.pairs else [x.strip() for x in args.pairs.split(",") if x.strip()])
-    unknown = [x for x in pairs if x not in ALL_PAIRS + OPT_IN]
+    known = ALL_PAIRS + OPT_IN + FORWARDING
+    unknown = [x for x in pairs if x not in known]
     if unknown:
-        raise BenchError(f"--pairs: unknown {', '.join(unknown)} (known: {', '.join(ALL_PAIRS + OPT_IN)})")
+        raise BenchError(f"--pairs: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    if getattr(args, "forwarding", False) and "sidecar" in pairs:
+        at = pairs.index("sidecar") + 1
+        pairs = (*pairs[:at], *(x for x in FORWARDING if x not in pairs), *pairs[at:])
     if getattr(args, "baseline", None) and "sidecar" in pairs:
         at = pairs.index("sidecar") + 1
         pairs = (*pairs[:at], "baseline", *pairs[at:])
@@ -171,6 +185,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "workers": args.workers,
     }
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    if getattr(args, "workloads", None):
+        chosen = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
+        if not chosen or any(w not in WORKLOADS for w in chosen):
+            raise BenchError(f"--workloads: expected a subset of {','.join(WORKLOADS)}, got {args.workloads!r}")
+        s = replace(s, workloads=chosen)
     if s.reps < 1 or s.duration <= 0 or s.workers < 1:
         raise BenchError("--reps, --duration and --workers must be positive")
     return s

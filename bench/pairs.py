@@ -60,9 +60,11 @@ class Ctx:
     def backend(self, route: str) -> int:
         return self.backends.http_port if route == "http" else self.backends.bulk_port
 
-    def backend_address(self, route: str) -> str:
+    def backend_address(self, route: str, *, proxy: bool = False) -> str:
+        """Where ``route`` is served; ``proxy``: the HTTP backend's port that reads a PROXY header first."""
         host = self.backends.host
-        return f"[{host}]:{self.backend(route)}" if ":" in host else f"{host}:{self.backend(route)}"
+        port = self.backends.http_proxy_port if proxy and route == "http" else self.backend(route)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Pair:
     tool: ClassVar[str | None] = None
     resumption: ClassVar[bool] = True  # whether client-side resumption can be had (and toggled)
     proxied: ClassVar[bool] = True
+    workloads: ClassVar[tuple[str, ...] | None] = None  # None: every workload
     verbose_for_cipher: ClassVar[bool] = False  # whether the suite is only logged at a costly level
 
     def available(self, tools: Tools) -> bool:
@@ -152,6 +155,7 @@ class Direct(Pair):
 class Sidecar(Pair):
     name = "sidecar"
     resumption = True  # the client side's tls.session_resumption; the server side issues tickets either way
+    forwarding: ClassVar[dict[str, str]] = {}  # identity forwarding keys of the server side's http route
 
     def start(self, ctx: Ctx, *, resume: bool, verbose: bool = False) -> Running:
         d = ctx.procs.folder(f"{self.name}-{free_port()}")
@@ -169,8 +173,9 @@ class Sidecar(Pair):
                 {
                     "name": route,
                     "listen": "127.0.0.1:0",
-                    "forward": ctx.backend_address(route),
+                    "forward": ctx.backend_address(route, proxy="proxy_protocol" in self.forwarding),
                     "allow": [certs_mod.CLIENT_ID],
+                    **(self.forwarding if route == "http" else {}),
                 }
                 for route in ROUTES
             ],
@@ -231,6 +236,28 @@ class Baseline(Sidecar):
 
     def env(self, ctx: Ctx) -> dict[str, str]:
         return {**ctx.env, "PYTHONPATH": str(self.code)}
+
+
+class SidecarXfcc(Sidecar):
+    """Our pair with ``client_cert_header: xfcc`` on the server side (``--forwarding``): every
+    request rewritten. Keep-alive only: the other workloads are not HTTP requests."""
+
+    name = "sidecar-xfcc"
+    workloads = ("keepalive",)
+    forwarding = {"client_cert_header": "xfcc"}
+
+
+class SidecarProxy(Sidecar):
+    """Our pair with ``proxy_protocol: tls-full`` on the server side (``--forwarding``), to nginx's
+    port that reads the header. Keep-alive only, like ``sidecar-xfcc``."""
+
+    name = "sidecar-proxy"
+    tool = "nginx"  # the only HTTP backend here that reads a PROXY header
+    workloads = ("keepalive",)
+    forwarding = {"proxy_protocol": "tls-full"}
+
+
+FORWARDING = ("sidecar-xfcc", "sidecar-proxy")
 
 
 def _ready_ports(proc: Proc) -> dict[str, int]:
@@ -577,5 +604,7 @@ def parse_stunnel(text: str) -> list[Handshake]:
     ]
 
 
-PAIRS: dict[str, Pair] = {p.name: p for p in (Direct(), Sidecar(), Stunnel(), HAProxy(), Nginx())}
+PAIRS: dict[str, Pair] = {
+    p.name: p for p in (Direct(), Sidecar(), SidecarXfcc(), SidecarProxy(), Stunnel(), HAProxy(), Nginx())
+}
 PEERS = ("stunnel", "haproxy", "nginx")

@@ -19,7 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .pairs import PEERS
+from .pairs import FORWARDING, PEERS
 
 
 @dataclass(frozen=True)
@@ -229,6 +229,42 @@ def summary_table(results: dict[str, Any]) -> list[str]:
     return _table(header, rows)
 
 
+FORWARDING_KEYS = ["ka_rate", "ka_p50_ms", "ka_p99_ms", "ka_cpu"]
+
+
+def forwarding_table(results: dict[str, Any]) -> list[str]:
+    """``--forwarding``: keep-alive through our pair with each identity-forwarding setting, against
+    the same pair without (same run, same backend)."""
+    summary = results["summary"]
+    base = summary.get("sidecar", {})
+    shown = [p for p in ("sidecar", *FORWARDING) if summary.get(p)]
+    if len(shown) < 2 or not base:
+        return []
+    header = ["pair"] + [f"{BY_KEY[k].title} {BY_KEY[k].unit}" for k in FORWARDING_KEYS]
+    rows = [[f"`{p}`"] + [_value(results, p, k) for k in FORWARDING_KEYS] for p in shown]
+    for p in shown[1:]:
+        rows.append([f"*{p} ÷ sidecar*"] + [_paired(summary[p].get(k), base.get(k)) for k in FORWARDING_KEYS])
+    intro = (
+        "**Identity forwarding** (keep-alive; `sidecar-xfcc`: `client_cert_header: xfcc`, `sidecar-proxy`: "
+        "`proxy_protocol: tls-full` to nginx's `listen ... proxy_protocol` port, both on the server side; "
+        "÷ rows: the median (min-max) of each repetition's ratio, the pairs measured one after the other):"
+    )
+    return ["", intro, "", *_table(header, rows)]
+
+
+def _paired(s: dict[str, Any] | None, base: dict[str, Any] | None) -> str:
+    """A pair against the base pair, repetition by repetition (samples are in repetition order);
+    the ratio of the medians when a repetition is missing on either side."""
+    if s is None or base is None or not base["median"]:
+        return "—"
+    if len(s["samples"]) != len(base["samples"]):
+        return f"{s['median'] / base['median']:.2f}x"
+    per_rep = [a / b for a, b in zip(s["samples"], base["samples"], strict=True) if b]
+    if not per_rep:
+        return "—"
+    return f"{statistics.median(per_rep):.2f}x ({min(per_rep):.2f}-{max(per_rep):.2f})"
+
+
 def metric_tables(results: dict[str, Any], *, spread: bool = True) -> list[str]:
     pairs = [p for p, v in results["pairs"].items() if v.get("summary")]
     lines = ["**Throughput, latency, memory** (median (min-max) over the repetitions):", ""]
@@ -286,7 +322,7 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
         f"backend), {m['memory_gib']} GiB, {m['os']}, Linux {m['kernel']}.",
         "",
         f"Method: {_n(s['reps'], 'repetition')}; in each, every pair in turn (order rotated per repetition), "
-        f"{s['duration']:g} s per workload. Load: {_load_text(results)}. Medians with min-max. "
+        f"{s['duration']:g} s per workload{_workloads_text(s)}. Load: {_load_text(results)}. Medians with min-max. "
         "Topology: load generator → client-side proxy (plain in, TLS 1.3 mTLS out) → server-side proxy "
         "(client certificate required and verified, plain out) → backend, all on 127.0.0.1, one EC P-256 CA. "
         + _workers_text(s.get("workers", 1))
@@ -304,6 +340,7 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
         lines += [f"![ratios]({chart})", ""]
     lines += ["**Summary** (medians; ranges and every other figure below):", ""]
     lines += summary_table(results)
+    lines += forwarding_table(results)
     lines += [""]
     lines += metric_tables(results)
     lines += [
@@ -348,6 +385,13 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
     if results["notes"]:
         lines += ["", "**Notes:**", ""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _workloads_text(settings: dict[str, Any]) -> str:
+    chosen = settings.get("workloads")
+    if not chosen or len(chosen) >= 5:
+        return ""
+    return f" (only {', '.join(chosen)}: `--workloads`)"
 
 
 def _n(count: int, noun: str) -> str:

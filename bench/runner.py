@@ -43,6 +43,7 @@ class Settings:
     quick: bool = False
     workers: int = 1  # per proxy process (sidecar, nginx, HAProxy)
     settle: float = 0.3  # after a workload: let connections close and access records be written
+    workloads: tuple[str, ...] = WORKLOADS  # which to run (--workloads)
     idle_hold: float = 1.0  # how long idle connections are held before memory is read
 
 
@@ -83,9 +84,13 @@ class Bench:
             if not pair.available(self.tools):
                 self.info[name] = {"status": "skipped", "reason": f"{pair.tool} is not installed"}
                 continue
-            workloads = WORKLOADS if pair.proxied else WORKLOADS[1:]
+            workloads = pair.workloads or (WORKLOADS if pair.proxied else WORKLOADS[1:])
+            workloads = tuple(w for w in workloads if w in self.settings.workloads)
+            if not workloads:
+                self.info[name] = {"status": "skipped", "reason": "none of --workloads applies to it"}
+                continue
             variants.append(Variant(pair, False, workloads))
-            if not (self.settings.resume and pair.proxied):
+            if not (self.settings.resume and pair.proxied and "newconn" in workloads):
                 continue
             if pair.resumption:
                 variants.append(Variant(pair, True, ("newconn",)))

@@ -199,12 +199,13 @@ class TransparentOutbound:
 
 @dataclass(frozen=True)
 class TransparentPort:
-    """One captured app port: after mTLS and ``allow``, forwarded to ``127.0.0.1:<port>``.
-
-    Caller-identity options for the app (contract section 9) join here as fields."""
+    """One captured app port: after mTLS and ``allow``, forwarded to ``127.0.0.1:<port>``, telling
+    the app who is calling as an inbound listener does (contract section 9)."""
 
     port: int
     allow: tuple[Pattern, ...]
+    proxy_protocol: ProxyProtocolMode | None = None
+    client_cert_header: str | None = None
 
 
 @dataclass(frozen=True)
@@ -433,9 +434,7 @@ def parse_unix_address(value: Any, where: str) -> Path:
 
 
 def _inbound(value: Any, where: str) -> Inbound:
-    m = _mapping(
-        value, where, required={"name", "listen", "forward", "allow"}, optional={"proxy_protocol", "client_cert_header"}
-    )
+    m = _mapping(value, where, required={"name", "listen", "forward", "allow"}, optional=_CALLER_IDENTITY_KEYS)
     allow = _list(m["allow"], f"{where}.allow")
     if not allow:
         raise ConfigError(f'{where}.allow: must list at least one identity (write "*" to allow any verified peer)')
@@ -577,6 +576,7 @@ def _route(value: Any, where: str) -> Route:
 
 # The keys of one ``transparent.inbound.ports`` entry; section 9's options for the app join here.
 _PORT_KEYS = frozenset({"port", "allow"})
+_CALLER_IDENTITY_KEYS = frozenset({"proxy_protocol", "client_cert_header"})
 
 
 def _transparent_inbound(value: Any, where: str) -> TransparentInbound:
@@ -588,14 +588,15 @@ def _transparent_inbound(value: Any, where: str) -> TransparentInbound:
     ports: list[TransparentPort] = []
     for i, item in enumerate(items):
         pw = f"{where}.ports[{i}]"
-        pm = _mapping(item, pw, required=_PORT_KEYS)
+        pm = _mapping(item, pw, required=_PORT_KEYS, optional=_CALLER_IDENTITY_KEYS)
         number = _port(pm["port"], f"{pw}.port")
         if any(p.port == number for p in ports):
             raise ConfigError(f"{pw}.port: {number} is listed twice")
         allow = _list(pm["allow"], f"{pw}.allow")
         if not allow:
             raise ConfigError(f'{pw}.allow: must list at least one identity (write "*" to allow any verified peer)')
-        ports.append(TransparentPort(number, tuple(_pattern(p, f"{pw}.allow[{j}]") for j, p in enumerate(allow))))
+        patterns = tuple(_pattern(p, f"{pw}.allow[{j}]") for j, p in enumerate(allow))
+        ports.append(TransparentPort(number, patterns, **_caller_identity(pm, pw)))
     mode = _choice(m.get("mode", "strict"), f"{where}.mode", tuple(InboundMode))
     return TransparentInbound(listen=listen, ports=tuple(ports), mode=InboundMode(mode))
 

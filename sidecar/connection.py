@@ -4,6 +4,10 @@ carries out the relay's actions (dial, arm a timer, stream, end our sending, clo
 Every timer and task of a connection is owned here and gone when it closes: the handshake and idle
 timers, and the dial (cancelled while it is still connecting; a leg that connects after the end is
 aborted at once, since uvloop can hand it its transport before ``create_connection`` returns).
+
+A policy with ``forwarding`` (``proxy_protocol``, ``client_cert_header``) has what the app is told
+of its caller made before the dial (a refusal if it cannot be: nothing is dialled); its preamble
+goes to the app first, and with a rewriter the app's leg is a ``RewritingLeg``.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import time
 from typing import Protocol
 
 from .config import Address, Limits
-from .errors import PeerError
+from .errors import HTTPRefusal, PeerError, Refusal
+from .forwarding import Forwarding, Introduction, describe, outcome_of
 from .legs import Leg, TLSLeg, peer_address
 from .metrics import ListenerMetrics
 from .record import Outcome, Record
@@ -32,20 +37,24 @@ from .relay import (
     Stream,
     Timer,
 )
+from .rewriting import RewritingLeg
 from .sessions import SessionCache
 from .tlsio import TLSEngine
 
 
 class ConnectionPolicy(Policy, Protocol):
     """A relay policy as the driver needs it: it also makes the engine of its TLS leg, keeps the
-    sessions its TLS client leg may resume (None: it keeps none), and says whether the peer's
-    identity must carry its key pin."""
+    sessions its TLS client leg may resume (None: it keeps none), says whether the peer's identity
+    must carry its key pin, and what the app is told of its caller (None: nothing)."""
 
     @property
     def sessions(self) -> SessionCache | None: ...
 
     @property
     def needs_spki(self) -> bool: ...  # whether authorizing needs the peer's key pin
+
+    @property
+    def forwarding(self) -> Forwarding | None: ...
 
     def tls_engine(self) -> TLSEngine: ...
 
@@ -62,7 +71,19 @@ class Home(Protocol):
 class Connection:
     """Two legs, one relay, its timers and its dial."""
 
-    __slots__ = ("_dial_task", "_published", "_timers", "down", "listener", "loop", "policy", "relay", "up")
+    __slots__ = (
+        "_dial_task",
+        "_published",
+        "_timers",
+        "destination",
+        "down",
+        "introduction",
+        "listener",
+        "loop",
+        "policy",
+        "relay",
+        "up",
+    )
 
     def __init__(self, listener: Home, policy: ConnectionPolicy, loop: asyncio.AbstractEventLoop) -> None:
         self.listener = listener
@@ -72,6 +93,9 @@ class Connection:
         self.relay = Relay(
             policy, handshake_timeout=limits.handshake_timeout, idle_timeout=limits.idle_timeout, now=loop.time()
         )
+        # where the caller was going, when not the address it reached (a capture's original destination)
+        self.destination: tuple[str, int] | None = None
+        self.introduction: Introduction | None = None  # what the app is told of its caller
         self.down: Leg = self._leg(Side.DOWN)
         self.up: Leg | None = None
         self._timers: dict[Timer, asyncio.TimerHandle] = {}
@@ -122,6 +146,9 @@ class Connection:
         self._run(self.relay.lost(leg.side, None if exc is None else type(exc).__name__))
         self._maybe_ended()
 
+    def leg_refused(self, leg: Leg, refusal: HTTPRefusal, *, close: bool) -> None:
+        self._refuse(refusal, close=close, abort=leg.side if refusal.partial else None)
+
     # -- actions ----------------------------------------------------------------------------------
 
     def _run(self, actions: list[Action]) -> None:
@@ -151,6 +178,9 @@ class Connection:
         down, up = self.down, self.up
         assert up is not None
         down.other, up.other = up, down  # both first: a write below may already call pause_writing
+        intro = self.introduction
+        if intro is not None and intro.preamble:
+            Leg.send(up, intro.preamble)  # the app's first bytes; past the rewriter, if there is one
         down.start_streaming(up)
         up.start_streaming(down)
 
@@ -170,6 +200,9 @@ class Connection:
     def _dial(self, target: Address) -> None:
         """Connect the ``up`` leg to ``target``; failing that within ``connect_timeout`` ends the
         connection."""
+        forwarding = self.policy.forwarding
+        if forwarding is not None and not self._introduce(forwarding):
+            return
         self.up = up = self._leg(Side.UP)
         self._dial_task = self.loop.create_task(self._connect(target, up))
 
@@ -187,6 +220,23 @@ class Connection:
         finally:
             self._dial_task = None
         self.listener.metrics.upstream_connect_seconds.observe(self.loop.time() - started)
+
+    def _introduce(self, forwarding: Forwarding) -> bool:
+        """Make what the app is told of its caller; False when it cannot be (the connection is refused)."""
+        down = self.down
+        assert down.transport is not None
+        source = _ip_port(down.transport.get_extra_info("peername"))
+        destination = self.destination or _ip_port(down.transport.get_extra_info("sockname"))
+        tls = down.tls if isinstance(down, TLSLeg) else None
+        try:
+            self.introduction = forwarding.introduce(source, destination, tls, self.relay.negotiated)
+        except Refusal as refusal:
+            self._refuse(refusal)
+            return False
+        return True
+
+    def _refuse(self, refusal: Refusal, *, close: bool = True, abort: Side | None = None) -> None:
+        self._run(self.relay.refused(outcome_of(refusal), describe(refusal), close=close, abort=abort))
 
     def _dial_failed(self, reason: str) -> None:
         self._run(self.relay.dial_failed(reason))
@@ -223,9 +273,17 @@ class Connection:
     def _leg(self, side: Side) -> Leg:
         if self.policy.tls_side is side:
             return TLSLeg(self, side, self.policy.tls_engine(), client=side is Side.UP)
+        intro = self.introduction
+        if side is Side.UP and intro is not None and intro.rewriter is not None:
+            return RewritingLeg(self, side, intro.rewriter)
         return Leg(self, side)
 
     def _keep_session(self, leg: TLSLeg) -> None:
         sessions = self.policy.sessions
         if sessions is None or sessions.keep(leg.tls):
             leg.after_read = None
+
+
+def _ip_port(name: tuple[str, int] | tuple[str, int, int, int]) -> tuple[str, int]:
+    """A socket address as ``(ip, port)`` (IPv6's flow info and scope dropped)."""
+    return str(name[0]), int(name[1])

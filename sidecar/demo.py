@@ -1,7 +1,8 @@
 """``sidecar demo``: a whole mesh on loopback, told as a short story, checked as it goes.
 
 Three plain HTTP apps (``sidecar.demo_app``, which knows nothing of TLS) each get a sidecar
-process: frontend calls orders through its outbound listener over mTLS; stranger, whose identity
+process: frontend calls orders through its outbound listener over mTLS, and the orders app reads
+who called from the x-forwarded-client-cert header its sidecar set; stranger, whose identity
 orders does not allow, is refused; then orders' certificate is re-issued on disk and the next
 handshake presents the new serial while a connection opened before the rotation keeps working.
 Exit 0 only when every step behaved; every process and file it made is gone afterwards.
@@ -105,7 +106,9 @@ def run_demo(*, keep: bool = False) -> int:
     if say.failed:
         print("demo FAILED: see the step marked FAIL above")
         return 1
-    print("demo passed: mTLS call, refusal and live rotation all behaved; everything it started is stopped")
+    print(
+        "demo passed: mTLS call, caller identity, refusal and live rotation behaved; everything it started is stopped"
+    )
     return 0
 
 
@@ -130,6 +133,7 @@ def _story(mesh: Mesh, say: _Story) -> None:
                 "listen": f"127.0.0.1:{p['orders_in']}",
                 "forward": f"127.0.0.1:{p['orders_app']}",
                 "allow": [f"spiffe://{TD}/frontend"],
+                "client_cert_header": "xfcc",
             }
         ],
         admin=p["admin"],
@@ -206,6 +210,17 @@ def _story(mesh: Mesh, say: _Story) -> None:
         f"{out_rec['cipher']})"
     )
     say.ok(f"orders' sidecar verified the client:    {in_rec['peer_identity']} and allowed it")
+    upstream = body.get("upstream")
+    peer = _xfcc(upstream.get("peer") if isinstance(upstream, dict) else None)
+    if peer.get("URI") != f"spiffe://{TD}/frontend":
+        raise DemoFailure(f"the orders app was not told who called: {upstream}")
+    say.ok(f"the orders app read who called: x-forwarded-client-cert URI={peer['URI']} Hash={peer['Hash'][:8]}...")
+    forged = f"URI=spiffe://{TD}/admin"
+    status, body = _http_get(f"http://127.0.0.1:{p['frontend_out']}/", {"X-Forwarded-Client-Cert": forged})
+    seen = body.get("peer") if isinstance(body, dict) else None
+    if status != 200 or seen is None or forged in seen or _xfcc(seen).get("URI") != f"spiffe://{TD}/frontend":
+        raise DemoFailure(f"a forged x-forwarded-client-cert reached the orders app: HTTP {status} {body}")
+    say.ok(f"a caller's own x-forwarded-client-cert ({forged}) is replaced before the app sees it")
 
     say.head("4. stranger calls orders: a valid certificate, but not on orders' allow list")
     status, body = _http_get(f"http://127.0.0.1:{p['stranger_app']}/call")
@@ -316,9 +331,9 @@ def _listening(port: int) -> bool:
     return False
 
 
-def _http_get(url: str) -> tuple[int, Any]:
+def _http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
             status, raw = response.status, response.read()
     except urllib.error.HTTPError as exc:
         status, raw = exc.code, exc.read()
@@ -328,6 +343,13 @@ def _http_get(url: str) -> tuple[int, Any]:
         return status, json.loads(raw)
     except ValueError:
         return status, raw.decode(errors="replace")
+
+
+def _xfcc(value: object) -> dict[str, str]:
+    """The elements of an x-forwarded-client-cert value (``{}`` for none): ``URI``, ``Hash``..."""
+    if not isinstance(value, str):
+        return {}
+    return {k: v for k, _, v in (element.partition("=") for element in value.split(";"))}
 
 
 def _find_access(proc: Proc, outcome: str) -> dict[str, Any] | None:

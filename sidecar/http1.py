@@ -294,10 +294,6 @@ class _Responses(_Framer):
         self.asked: deque[_Asked] = deque()
         self._in_body = False
 
-    @property
-    def idle(self) -> bool:
-        return self.state is State.HEAD and not self.asked and not self._buf and not self._in_body
-
     def feed(self, data: bytes) -> None:
         if self.state in (State.RAW, State.UNTIL_CLOSE, State.LOST):
             return
@@ -385,15 +381,17 @@ class XfccRewriter(_Framer):
     """One per connection on a ``client_cert_header: xfcc`` listener.
 
     ``header_line`` is the whole field line to add (``xfcc.header_line(...)``), built once per
-    connection. The relay calls ``feed`` with caller bytes and writes what it returns to the app;
-    ``feed_response`` with app bytes (forwarded to the caller unchanged) and writes what *it*
-    returns to the app too (caller bytes released by the app's answer to an upgrade); ``end`` and
-    ``end_response`` when either side finishes sending.
+    connection; None for a caller without a certificate (plain TCP let through): every
+    caller-sent x-forwarded-client-cert is still removed, and none is added. The relay calls
+    ``feed`` with caller bytes and writes what it returns to the app; ``feed_response`` with app
+    bytes (forwarded to the caller unchanged) and writes what *it* returns to the app too (caller
+    bytes released by the app's answer to an upgrade); ``end`` and ``end_response`` when either
+    side finishes sending.
     """
 
-    def __init__(self, header_line: bytes) -> None:
+    def __init__(self, header_line: bytes | None) -> None:
         super().__init__()
-        self._line_end = b"\r\n" + header_line + b"\r\n\r\n"
+        self._line_end = b"\r\n\r\n" if header_line is None else b"\r\n" + header_line + b"\r\n\r\n"
         self._responses = _Responses(self)
         self._out: list[Buffer] = []
         self._run_from = 0  # start of the bytes passed through unchanged since the last rewrite
@@ -424,10 +422,16 @@ class XfccRewriter(_Framer):
         """The caller ended and everything for the app has been returned: half-close the app leg."""
         return self._finished
 
-    @property
-    def idle(self) -> bool:
-        """No response is owed or in flight: a refusal written to the caller now lands cleanly."""
-        return self._responses.idle
+    def answerable(self, *, app_ended: bool = False) -> bool:
+        """A response written to the caller now (a refusal's) lands between the app's: none is in
+        flight, and none is owed unless ``app_ended`` (the app sent all it will: a body that runs
+        until its close has ended, and an unanswered request will get no answer)."""
+        r = self._responses
+        if r._buf or r._in_body:
+            return False
+        if r.state is State.HEAD:
+            return app_ended or not r.asked
+        return app_ended and r.state is State.UNTIL_CLOSE
 
     @property
     def refusal(self) -> HTTPRefusal | None:

@@ -1,11 +1,12 @@
 """What each kind of listener does with a connection: the policies the relay asks.
 
 Inbound: we terminate TLS on the connecting side (client certificate required), check ``allow``,
-then dial ``forward``. Outbound: we dial ``upstream`` first, originate TLS (offering the newest
-session from that upstream), check ``server_identity`` (or, without it, OpenSSL checks the host
-name), then let the app's bytes through. Both hand their TLS engine the material's trust-domain check
-(``Material.vet``: Workload API material only), which the relay enforces before ``authorize``.
-A policy only decides; the driver does the I/O.
+then dial ``forward``, telling the app who is calling if asked (``forwarding``). Outbound: we dial
+``upstream`` first, originate TLS (offering the newest session from that upstream), check
+``server_identity`` (or, without it, OpenSSL checks the host name), then let the app's bytes
+through. Both hand their TLS engine the material's trust-domain check (``Material.vet``: Workload
+API material only), which the relay enforces before ``authorize``. A policy only decides; the
+driver does the I/O.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .config import Address, Inbound, Outbound, is_ip
+from .forwarding import Forwarding
 from .identity import Pattern, PeerIdentity, Verdict, decide, needs_spki
 from .record import Direction
 from .relay import Side
@@ -45,6 +47,7 @@ class InboundPolicy:
         self.name = spec.name
         self.store = store
         self.needs_spki = needs_spki(spec.allow)
+        self.forwarding = Forwarding.of(spec, store)  # proxy_protocol, client_cert_header
 
     def tls_engine(self) -> TLSEngine:
         # this listener's own context: its sessions are never resumed on another listener
@@ -63,6 +66,7 @@ class OutboundPolicy:
 
     direction = Direction.OUTBOUND
     tls_side = Side.UP
+    forwarding = None
 
     def __init__(self, spec: Outbound, store: TLSStore) -> None:
         self.spec = spec

@@ -19,11 +19,11 @@ class Outcome(StrEnum):
     """How a connection ended: the ``outcome`` label and access-record field."""
 
     OK = "ok"
-    DENIED = "denied"  # the peer's identity is not allowed
+    DENIED = "denied"  # the peer's identity is not allowed, or what it sent must not reach the app (400)
     TLS_ERROR = "tls_error"  # the TLS handshake or a record failed
     UPSTREAM_ERROR = "upstream_error"  # the target could not be reached, or failed before streaming
     TIMEOUT = "timeout"  # handshake_timeout or idle_timeout
-    LIMIT = "limit"  # refused at once: max_connections
+    LIMIT = "limit"  # refused for a size: max_connections, a request head too large (431), a PROXY header
     PASSTHROUGH = "passthrough"  # plain TCP let through (transparent mode: `unmatched: passthrough`, permissive)
 
 

@@ -14,9 +14,10 @@ object's event methods, and carries out the actions they return, in order. Only 
 come here: the legs move bytes to each other directly. State changes follow ``TRANSITIONS``; an
 event that the current state does not list is a bug in the caller and raises ``RelayBug``. The
 outcome is decided once, when the connection starts to close (a drain's cut keeps an outcome
-already decided). A transparent-mode listener also sets, before the connection starts, where it was
-going (``original_dst``) and whether it is plain TCP let through (``passthrough``: its record says
-``passthrough`` where it would say ``ok``).
+already decided), or when what it carries is refused (``refused``): that outcome stays whatever
+ends the connection next. A transparent-mode listener also sets, before the connection starts,
+where it was going (``original_dst``) and whether it is plain TCP let through (``passthrough``:
+its record says ``passthrough`` where it would say ``ok``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Event(StrEnum):
     EOF = "eof"  # one direction ended
     LOST = "lost"  # a leg's transport is gone
     TIMED_OUT = "timed_out"  # handshake_timeout, or idle_timeout with nothing moved
+    REFUSED = "refused"  # what the connection carries must not reach the target (a ``Refusal``)
     CUT = "cut"  # the process ends it (drain_timeout)
     ENDED = "ended"  # both legs are gone
 
@@ -84,10 +86,21 @@ TRANSITIONS: dict[State, dict[Event, State | None]] = {
         Event.DIALLED: NEXT_PHASE,
         Event.DIAL_FAILED: State.CLOSING,
         Event.EOF: State.DIALING,  # held, as above
+        Event.REFUSED: State.CLOSING,  # what the target must be told first cannot be built
         **_CLOSE,
     },
-    State.STREAMING: {Event.EOF: State.HALF_CLOSED, Event.TIMED_OUT: State.CLOSING, **_CLOSE},
-    State.HALF_CLOSED: {Event.EOF: State.CLOSING, Event.TIMED_OUT: State.CLOSING, **_CLOSE},
+    State.STREAMING: {
+        Event.EOF: State.HALF_CLOSED,
+        Event.TIMED_OUT: State.CLOSING,
+        Event.REFUSED: State.CLOSING,
+        **_CLOSE,
+    },
+    State.HALF_CLOSED: {
+        Event.EOF: State.CLOSING,
+        Event.TIMED_OUT: State.CLOSING,
+        Event.REFUSED: State.CLOSING,
+        **_CLOSE,
+    },
     State.CLOSING: {
         **_LATE,
         Event.DIALLED: State.CLOSING,  # a dial that finished after the end: its leg is closed at once
@@ -321,6 +334,21 @@ class Relay:
         if idle_for >= self.idle_timeout:
             return self._close(Event.TIMED_OUT, Outcome.TIMEOUT, "idle_timeout")
         return [ArmTimer(Timer.IDLE, self._idle_step(self.idle_timeout - idle_for))]
+
+    def refused(self, outcome: Outcome, reason: str, *, close: bool = True, abort: Side | None = None) -> list[Action]:
+        """What the connection carries must not reach the target (a ``Refusal``): before the dial,
+        or while streaming. The outcome is decided now and stays, whatever ends the connection
+        next. ``close``: close it now, gracefully but for ``abort`` (a leg cut in the middle of a
+        message); otherwise the driver first lets owed answers through, and calls again to close."""
+        if not self.open:
+            return []
+        if not close and not self.streaming:
+            raise RelayBug(f"a refusal waiting for answers in state {self.state}")
+        if self.outcome is None:
+            self.outcome, self.reason = outcome, reason
+        if not close:
+            return []
+        return self._close(Event.REFUSED, outcome, reason, frozenset() if abort is None else {abort})
 
     def cut(self, reason: str) -> list[Action]:
         """End it now, aborting both legs; an outcome already decided stays."""

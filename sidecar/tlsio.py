@@ -120,6 +120,12 @@ class TLSEngine:
         """The verified peer's certificate, DER."""
         return self._obj.getpeercert(binary_form=True)
 
+    @property
+    def sni(self) -> str | None:
+        """The server name the client sent, when the context keeps it (``keep_sni``)."""
+        name: str | None = self._obj.__dict__.get(_SNI)
+        return name
+
     def session(self) -> ssl.SSLSession | None:
         """The session to resume a later connection with (a client's, once its ticket arrived)."""
         return self._obj.session
@@ -170,6 +176,19 @@ class TLSEngine:
     def output(self) -> bytes:
         """Ciphertext waiting to be written to the wire (``b""`` when none)."""
         return self._out.read()
+
+
+_SNI = "_sidecar_sni"
+
+
+def keep_sni(ctx: ssl.SSLContext) -> None:
+    """Make the server context ``ctx`` keep each client's server name for ``TLSEngine.sni``
+    (a callback on every handshake; set only where a listener uses the name)."""
+    ctx.sni_callback = _remember_sni
+
+
+def _remember_sni(obj: ssl.SSLSocket | ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+    obj.__dict__[_SNI] = name  # the server side's SSLObject has no field of its own for it
 
 
 def failure(exc: BaseException) -> TLSFailure:

@@ -48,6 +48,7 @@ from .config import (
     TransparentOutbound,
 )
 from .errors import SidecarError
+from .forwarding import Forwarding
 from .identity import PeerIdentity
 from .iptables import ipv6_enabled
 from .legs import peer_address
@@ -81,7 +82,8 @@ class PlainPolicy:
     sessions = None
     needs_spki = False
 
-    def __init__(self, name: str, direction: Direction, target: Address) -> None:
+    def __init__(self, name: str, direction: Direction, target: Address, forwarding: Forwarding | None = None) -> None:
+        self.forwarding = forwarding  # a permissive port's plain caller: the `conn` header, no XFCC of its own
         self.name = name
         self.direction = direction
         self._target = target
@@ -222,6 +224,7 @@ class CaptureListener(BaseListener):
         transport, dst = pending.transport, pending.dst
         assert transport is not None and dst is not None
         conn = self.open(policy)
+        conn.destination = dst  # what the app is told the caller was calling: the original destination
         relay = conn.relay
         relay.original_dst = format_dst(dst)
         relay.passthrough = isinstance(policy, PlainPolicy)
@@ -294,8 +297,11 @@ class InboundCapture(CaptureListener):
         self.ports: dict[int, tuple[InboundPolicy, PlainPolicy]] = {}
         for port in spec.ports:
             app = Address("127.0.0.1", port.port)
-            mtls = InboundPolicy(Inbound(INBOUND_LISTENER, spec.listen, app, port.allow), store)
-            self.ports[port.port] = (mtls, PlainPolicy(INBOUND_LISTENER, Direction.INBOUND, app))
+            inbound = Inbound(
+                INBOUND_LISTENER, spec.listen, app, port.allow, port.proxy_protocol, port.client_cert_header
+            )
+            mtls = InboundPolicy(inbound, store)
+            self.ports[port.port] = (mtls, PlainPolicy(INBOUND_LISTENER, Direction.INBOUND, app, mtls.forwarding))
 
     def decide(self, pending: Pending, dst: tuple[str, int] | None) -> None:
         plan = plan_inbound(dst, self.spec)

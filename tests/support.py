@@ -420,6 +420,21 @@ def refused(port: int, ctx: ssl.SSLContext, payload: bytes = b"ping") -> bool:
         return True
 
 
+async def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of one TCP connection on 127.0.0.1, non-blocking: (accepted, connecting)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.setblocking(False)
+        far = socket.socket()
+        far.setblocking(False)
+        await loop.sock_connect(far, server.getsockname())
+        mine, _ = await loop.sock_accept(server)
+    mine.setblocking(False)
+    return mine, far
+
+
 def plain_connect(port: int, timeout: float = 10.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 

@@ -62,7 +62,7 @@ def assert_measured(data: dict[str, Any], text: str, pair: str) -> None:
 
 def test_quick_mode_measures_direct_sidecar_and_installed_peers(tmp_path: Path) -> None:
     started = time.monotonic()
-    proc = run_bench(tmp_path)
+    proc = run_bench(tmp_path, "--forwarding")
     assert proc.returncode == 0, proc.stderr[-5000:]
     text, data = results(tmp_path)
     assert data["mode"] == "quick"
@@ -82,6 +82,16 @@ def test_quick_mode_measures_direct_sidecar_and_installed_peers(tmp_path: Path) 
         assert data["pairs"][peer]["summary"]["rs_nc_rate"]["median"] > 0
         assert data["pairs"][peer]["summary"]["nc_resumed_pct"]["median"] == 0  # off means off
     assert data["ratios"]["vs_direct"]["sidecar"]["ka_rate"] > 0
+    # --forwarding: our pair with client_cert_header and with proxy_protocol, keep-alive only
+    forwarding = [p for p in pairs.FORWARDING if data["pairs"][p]["status"] != "skipped"]
+    assert "sidecar-xfcc" in forwarding  # needs no tool; sidecar-proxy needs nginx's proxy_protocol port
+    for pair in forwarding:
+        p = data["pairs"][pair]
+        assert p["status"] == "measured", p
+        assert p["summary"]["ka_rate"]["median"] > 0 and p["summary"]["ka_cpu"]["median"] > 0
+        assert {"refused_no_client_cert", "refused_unknown_ca", "refused_tls12"} <= set(p["checks"][0])
+        assert "nc_rate" not in p["summary"] and "resume_status" not in p
+        assert f"*{pair} ÷ sidecar*" in text
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -18,6 +18,8 @@ def test_demo_passes_and_cleans_up() -> None:
     out = result.stdout
     assert "FAIL" not in out
     assert "frontend got HTTP 200" in out
+    assert "the orders app read who called: x-forwarded-client-cert URI=spiffe://mesh.local/frontend" in out
+    assert "(URI=spiffe://mesh.local/admin) is replaced before the app sees it" in out
     assert "refused spiffe://mesh.local/stranger (outcome denied)" in out
     assert "serial after" in out and "nothing was dropped" in out
     assert len(out.splitlines()) < 40  # a story a newcomer can read

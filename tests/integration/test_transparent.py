@@ -404,3 +404,57 @@ def test_the_sidecar_must_run_as_transparent_uid(tmp_path: Path) -> None:
     assert isinstance(cfg.transparent, Transparent)
     with pytest.raises(SidecarError, match=r"^transparent\.uid: the sidecar runs as uid \d+, not 10001"):
         capture_listeners(cfg, TLSStore(cfg.tls), DataMetrics(CollectorRegistry()))
+
+
+# -- telling the app who is calling, through a capture port (contract section 9) -----------------
+
+
+@run
+async def test_a_captured_port_tells_the_app_who_is_calling(rig: Rig) -> None:
+    """A transparent inbound port with ``proxy_protocol`` and ``client_cert_header``: the app reads a
+    PROXY v2 header whose destination is where the caller was going (not the capture port), then
+    the request carrying our x-forwarded-client-cert only."""
+    got: list[tuple[bytes, bytes]] = []
+
+    def recorder(conn: socket.socket) -> None:
+        header = recv_exactly(conn, 16)
+        header += recv_exactly(conn, struct.unpack("!H", header[14:16])[0])
+        head = b""
+        while b"\r\n\r\n" not in head and (chunk := conn.recv(65536)):
+            head += chunk
+        got.append((header, head))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        conn.close()
+
+    app = Backend(recorder)
+    port_spec = TransparentPort(
+        app.port, (parse_pattern("spiffe://mesh.local/frontend"),), proxy_protocol="conn", client_cert_header="xfcc"
+    )
+    spec = TransparentInbound(listen=Address("127.0.0.1", 0), ports=(port_spec,), mode=InboundMode.STRICT)
+    listener = InboundCapture(spec, rig.store, Limits(), rig.metrics, rig.lookup)
+    dst = (PEER_IP, app.port)
+    request = b"GET / HTTP/1.1\r\nHost: orders\r\nX-Forwarded-Client-Cert: By=forged\r\n\r\n"
+
+    def call(port: int) -> bytes:
+        ctx = client_context(rig.ca.leaf("frontend"), rig.ca.ca_file)
+        with connect(rig, port, dst) as raw, ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(request)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+
+    try:
+        async with serving(listener) as port:
+            assert (await asyncio.to_thread(call, port)).endswith(b"ok")
+            await eventually(lambda: got)
+    finally:
+        app.close()
+    header, head = got[0]
+    assert header[:12] == b"\r\n\r\n\x00\r\nQUIT\n" and header[13] == 0x11  # PROXY v2, TCP over IPv4
+    src, dst_ip, _, dport = struct.unpack("!4s4sHH", header[16:28])
+    assert (socket.inet_ntoa(dst_ip), dport) == dst  # the original destination, not the capture port
+    assert socket.inet_ntoa(src) == "127.0.0.1"
+    assert head.startswith(b"GET / HTTP/1.1\r\n")
+    xfcc = [line for line in head.split(b"\r\n") if line.lower().startswith(b"x-forwarded-client-cert:")]
+    assert len(xfcc) == 1 and b"URI=spiffe://mesh.local/frontend" in xfcc[0] and b"forged" not in xfcc[0]

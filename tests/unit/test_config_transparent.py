@@ -21,6 +21,7 @@ from sidecar.config import (
     parse_destination,
 )
 from sidecar.errors import ConfigError
+from sidecar.proxy_protocol import Mode as ProxyProtocolMode
 
 BASE = Path("/etc/sidecar")
 TLS = {"cert": "cert.pem", "key": "key.pem", "ca": "ca.pem"}
@@ -306,6 +307,21 @@ def test_destination_prints_as_written() -> None:
 def test_bad_inbound_ports_are_named(ports: Any, where: str, needle: str) -> None:
     message = error(section(inbound={"listen": "0.0.0.0:15006", "ports": ports}), admin={"listen": "0.0.0.0:9901"})
     assert message.startswith(f"{where}: ") and needle in message, message
+
+
+def test_a_port_tells_its_app_who_is_calling_as_an_inbound_listener_does() -> None:
+    ports = [
+        {"port": 8080, "allow": ["*"], "proxy_protocol": "tls-full", "client_cert_header": "xfcc"},
+        {"port": 8081, "allow": ["*"]},
+    ]
+    t = load_transparent(section(inbound={"listen": "0.0.0.0:15006", "ports": ports}))
+    assert t.inbound is not None
+    first, second = t.inbound.ports
+    assert (first.proxy_protocol, first.client_cert_header) == (ProxyProtocolMode.TLS_FULL, "xfcc")
+    assert (second.proxy_protocol, second.client_cert_header) == (None, None)
+    bad = [{"port": 8080, "allow": ["*"], "proxy_protocol": "v2"}]
+    message = error(section(inbound={"listen": "0.0.0.0:15006", "ports": bad}))
+    assert message.startswith("transparent.inbound.ports[0].proxy_protocol: expected one of conn|tls|tls-full")
 
 
 def test_the_capture_ports_differ_from_each_other_and_from_admin() -> None:

@@ -568,12 +568,12 @@ def test_expect_100_continue_head_goes_through_before_the_body() -> None:
     head = b"PUT /f HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
     assert rw.feed(head) == head[:-2] + LINE + b"\r\n\r\n"
     assert rw.feed_response(b"HTTP/1.1 100 Continue\r\n\r\n") == b""
-    assert not rw.idle  # a 1xx is not the answer
+    assert not rw.answerable()  # a 1xx is not the answer
     assert rw.feed(b"hello" + GET) == b"hello" + run(GET)
     rw.feed_response(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
-    assert not rw.idle  # GET still owed
+    assert not rw.answerable()  # GET still owed
     rw.feed_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-    assert rw.idle
+    assert rw.answerable()
 
 
 def test_expect_100_continue_answered_early_keeps_the_declared_framing() -> None:
@@ -707,7 +707,7 @@ def test_unframable_responses_refuse_later_upgrades_but_not_plain_requests() -> 
     rw = XfccRewriter(LINE)
     rw.feed(GET)
     rw.feed_response(b"garbage that is no status line\r\n\r\n")
-    assert not rw.idle
+    assert not rw.answerable()
     assert_one_xfcc_each(rw.feed(GET), 1)
     with pytest.raises(HTTPRefusal) as info:
         rw.feed(WS)
@@ -733,35 +733,48 @@ def test_response_side_losing_track_while_the_upgrade_request_still_streams_refu
 
 
 @pytest.mark.parametrize(
-    ("response", "idle"),
+    ("response", "idle", "after_end"),
     [
-        (b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", True),
-        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", True),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhell", False),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", True),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nT: 1\r\n\r\n", True),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", False),
-        (b"HTTP/1.0 200 OK\r\n\r\nuntil close", False),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nuntil close", False),
-        (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", False),
-        (b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", True),
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n", True, True),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", True, True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhell", False, False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", True, True),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nT: 1\r\n\r\n", True, True),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", False, False),
+        (b"HTTP/1.0 200 OK\r\n\r\nuntil close", False, True),  # the app's end ends that body
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nuntil close", False, True),
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", False, True),  # no answer will come now
+        (b"HTTP/1.1 200\r\nContent-Length: 0\r\n\r\n", True, True),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", False, False),  # a head cut short
     ],
 )
-def test_response_framing_decides_when_the_connection_is_idle(response: bytes, idle: bool) -> None:
+def test_response_framing_decides_when_a_refusal_can_be_answered(response: bytes, idle: bool, after_end: bool) -> None:
     for pieces in ([response], bytewise(response)):
         rw = XfccRewriter(LINE)
         rw.feed(GET)
-        assert not rw.idle
+        assert not rw.answerable()
+        assert rw.answerable(app_ended=True)  # the app ended without a word: nothing is in flight
         for p in pieces:
             rw.feed_response(p)
-        assert rw.idle is idle
+        assert rw.answerable() is idle
+        assert rw.answerable(app_ended=True) is after_end
 
 
 def test_head_response_declares_a_length_but_has_no_body() -> None:
     rw = XfccRewriter(LINE)
     rw.feed(b"HEAD / HTTP/1.1\r\n\r\n")
     rw.feed_response(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
-    assert rw.idle
+    assert rw.answerable()
+
+
+def test_without_a_header_line_every_spoof_is_removed_and_none_added() -> None:
+    """A caller without a certificate (plain TCP let through in permissive mode): the app must
+    not take any x-forwarded-client-cert as the sidecar's."""
+    rw = XfccRewriter(None)
+    data = b"GET / HTTP/1.1\r\nHost: a\r\n" + SPOOF + b"\r\nX_Forwarded_Client_Cert: x\r\n\r\n" + GET
+    out = rw.feed(data)
+    assert out == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" + GET
+    assert [m.values(b"x-forwarded-client-cert") for m in llhttp(out)] == [[], []]
 
 
 # -- ending, refusing, the relay's view -----------------------------------------------------------

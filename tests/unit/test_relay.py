@@ -395,6 +395,58 @@ def test_a_cut_while_closing_keeps_the_outcome_already_decided() -> None:
     assert r.outcome is Outcome.DENIED and r.reason != "drain_timeout"
 
 
+# -- refusals of what the connection carries (identity forwarding) ----------------------------------
+
+
+def test_a_refusal_before_the_dial_closes_without_dialling() -> None:
+    r = relay(Side.DOWN)
+    r.started("c", 100.0)
+    assert kinds(r.secured(negotiated(), 100.1, 1.7e9)) == [Handshook, Dial]  # the driver refuses before dialling
+    assert r.refused(Outcome.LIMIT, "proxy_header_too_large: 70000 bytes") == [Close()]
+    assert (r.state, r.outcome, r.reason) == (State.CLOSING, Outcome.LIMIT, "proxy_header_too_large: 70000 bytes")
+    assert r.dial_failed("cancelled") == []
+    (finish,) = r.ended(0, 0, 100.2)
+    assert isinstance(finish, Finish) and finish.record.outcome is Outcome.LIMIT
+
+
+def test_a_refusal_while_streaming_is_decided_at_once_and_kept_whatever_ends_the_connection() -> None:
+    for end in ("lost", "eof", "idle", "cut", "close"):
+        r = inbound_streaming()
+        assert r.refused(Outcome.DENIED, "ambiguous_length (400): TE and CL", close=False) == []
+        assert r.state is State.STREAMING  # owed answers still go out
+        if end == "lost":
+            assert r.lost(Side.DOWN, "ConnectionResetError") == [Close()]
+        elif end == "eof":
+            r.eof(Side.UP)
+            assert r.eof(Side.DOWN) == [Close()]
+        elif end == "idle":
+            assert r.timed_out(Timer.IDLE, 1000.0, moved=0) == [Close()]
+        elif end == "cut":
+            assert r.cut("drain_timeout") == [Close(abort=BOTH)]
+        else:
+            assert r.refused(Outcome.DENIED, "ambiguous_length (400): TE and CL") == [Close()]
+        assert (r.outcome, r.reason) == (Outcome.DENIED, "ambiguous_length (400): TE and CL"), end
+
+
+def test_a_refusal_inside_a_message_aborts_that_leg() -> None:
+    r = inbound_streaming()
+    r.eof(Side.DOWN)
+    assert r.state is State.HALF_CLOSED
+    actions = r.refused(Outcome.DENIED, "bad_chunk (400): malformed", abort=Side.UP)
+    assert actions == [Close(abort=frozenset({Side.UP}))]
+    assert r.refused(Outcome.LIMIT, "later") == []  # once closing, nothing changes
+    assert r.outcome is Outcome.DENIED
+
+
+def test_a_refusal_can_wait_for_answers_only_while_streaming() -> None:
+    r = relay(Side.DOWN)
+    r.started("c", 100.0)
+    with pytest.raises(RelayBug, match="waiting for answers in state handshaking"):
+        r.refused(Outcome.DENIED, "x", close=False)
+    with pytest.raises(RelayBug, match="refused in state handshaking"):
+        r.refused(Outcome.DENIED, "x")
+
+
 # -- the table itself --------------------------------------------------------------------------------
 
 
