@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -184,7 +185,39 @@ class ControlPlane:
             )
 
 
-class Standalone(Role):
+class OperatorProcess(Role):
+    """What both roles of the operator's process share: a control plane and a data plane, the
+    same start and the same close; ``serve`` is where they differ."""
+
+    cfg: Config
+    control: ControlPlane
+    runtime: Runtime
+
+    async def start(self) -> None:
+        await self.control.load()
+        await self.control.start_admin()
+        await self.serve()
+        for work in self.control.background():
+            self.spawn(work)
+        ident = self.control.store.material.identity
+        bound = self.runtime.bound()
+        event(log, logging.INFO, "ready", identity=ident.summary(), listeners=bound, workers=self.cfg.workers)
+
+    @abstractmethod
+    async def serve(self) -> None:
+        """Bind the listeners and serve them, here or through workers."""
+
+    def request_reload(self) -> None:
+        self.spawn(self.control.reload_logged("SIGHUP"))
+
+    async def close(self) -> None:
+        await self.stopping("listeners", self.runtime.close())
+        await self.cancel_tasks()
+        await self.stopping("Workload API stream", self.control.stop_source())
+        await self.stopping("admin server", self.control.stop_admin())
+
+
+class Standalone(OperatorProcess):
     """``workers: 1``: everything in this process."""
 
     def __init__(self, cfg: Config) -> None:
@@ -193,16 +226,8 @@ class Standalone(Role):
         self.control = ControlPlane(cfg, data_plane=lambda: self.runtime.not_ready())
         self.runtime = Runtime(cfg, self.control.store, self.control.metrics)
 
-    async def start(self) -> None:
-        await self.control.load()
-        await self.control.start_admin()
+    async def serve(self) -> None:
         await self.runtime.serve()
-        for work in self.control.background():
-            self.spawn(work)
-        _log_ready(self.control.store, self.runtime, self.cfg.workers)
-
-    def request_reload(self) -> None:
-        self.spawn(self.control.reload_logged("SIGHUP"))
 
     def on_force(self) -> None:
         self.runtime.force()
@@ -213,14 +238,8 @@ class Standalone(Role):
         await self.close()
         event(log, logging.INFO, "stopped", cut_connections=cut)
 
-    async def close(self) -> None:
-        await self.stopping("listeners", self.runtime.close())
-        await self.cancel_tasks()
-        await self.stopping("Workload API stream", self.control.stop_source())
-        await self.stopping("admin server", self.control.stop_admin())
 
-
-class Supervisor(Role):
+class Supervisor(OperatorProcess):
     """``workers: N``: TLS material, admin, watching and the listening sockets here; N workers proxy."""
 
     def __init__(self, cfg: Config) -> None:
@@ -235,17 +254,9 @@ class Supervisor(Role):
         )
         self.runtime = Runtime(cfg, self.control.store, self.control.metrics)  # binds; never proxies
 
-    async def start(self) -> None:
-        await self.control.load()
-        await self.control.start_admin()
+    async def serve(self) -> None:
         shares = await self.runtime.bind_shares(self.pool.count)
         await self.pool.start(shares, self.control.store.material)
-        for work in self.control.background():
-            self.spawn(work)
-        _log_ready(self.control.store, self.runtime, self.cfg.workers)
-
-    def request_reload(self) -> None:
-        self.spawn(self.control.reload_logged("SIGHUP"))
 
     def on_force(self) -> None:
         if self.control.draining:
@@ -263,17 +274,9 @@ class Supervisor(Role):
         event(log, logging.INFO, "stopped")
 
     async def close(self) -> None:
-        await self.stopping("listeners", self.runtime.close())
-        await self.cancel_tasks()
-        await self.stopping("Workload API stream", self.control.stop_source())
-        await self.stopping("admin server", self.control.stop_admin())
+        await super().close()
         await self.stopping("workers", self.pool.close())
 
 
 def build(cfg: Config) -> Standalone | Supervisor:
     return Supervisor(cfg) if cfg.workers > 1 else Standalone(cfg)
-
-
-def _log_ready(store: TLSStore, runtime: Runtime, workers: int) -> None:
-    ident = store.material.identity
-    event(log, logging.INFO, "ready", identity=ident.summary(), listeners=runtime.bound(), workers=workers)
