@@ -4,6 +4,10 @@ carries out the relay's actions (dial, arm a timer, stream, end our sending, clo
 Every timer and task of a connection is owned here and gone when it closes: the handshake and idle
 timers, and the dial (cancelled while it is still connecting; a leg that connects after the end is
 aborted at once, since uvloop can hand it its transport before ``create_connection`` returns).
+
+A policy with a ``stream_side`` makes that leg a stream of a tunnel through its ``streams``
+(``StreamSource``): the leg comes from there, and on the ``UP`` side it is opened there too
+instead of a TCP dial.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Protocol
 
 from .config import Address, Limits
 from .errors import PeerError
-from .legs import Leg, TLSLeg, peer_address
+from .legs import Leg, LegOwner, TLSLeg
 from .metrics import ListenerMetrics
 from .record import Outcome, Record
 from .relay import (
@@ -36,12 +40,26 @@ from .sessions import SessionCache
 from .tlsio import TLSEngine
 
 
+class StreamSource(Protocol):
+    """Where a policy's stream leg comes from (an HBONE tunnel)."""
+
+    def leg(self, owner: LegOwner, side: Side) -> Leg: ...
+
+    async def open(self, leg: Leg, target: Address, client: str) -> None:
+        """Open the ``UP`` stream ``leg`` toward ``target`` for ``client`` (the app's address);
+        returns once the leg is connected; raises ``OSError`` naming why it could not be."""
+
+
 class ConnectionPolicy(Policy, Protocol):
-    """A relay policy as the driver needs it: it also makes the engine of its TLS leg, and keeps
-    the sessions its TLS client leg may resume (None: it keeps none)."""
+    """A relay policy as the driver needs it: it also makes the engine of its TLS leg, keeps the
+    sessions its TLS client leg may resume (None: it keeps none), and gives its stream leg, if any
+    (``streams``, with ``stream_side`` set)."""
 
     @property
     def sessions(self) -> SessionCache | None: ...
+
+    @property
+    def streams(self) -> StreamSource | None: ...
 
     def tls_engine(self) -> TLSEngine: ...
 
@@ -82,6 +100,10 @@ class Connection:
     def bytes_to_downstream(self) -> int:
         return self.up.received if self.up is not None else 0
 
+    @property
+    def outcome(self) -> Outcome | None:
+        return self.relay.outcome
+
     def cut(self, reason: str) -> None:
         """End now, aborting both legs (the drain's deadline)."""
         self._run(self.relay.cut(reason))
@@ -99,9 +121,9 @@ class Connection:
     def leg_connected(self, leg: Leg) -> None:
         now = self.loop.time()
         if leg is self.down:
-            self._run(self.relay.started(peer_address(leg.transport), now))
+            self._run(self.relay.started(leg.far_address(), now, leg.verified))
         else:
-            self._run(self.relay.dialled(now))
+            self._run(self.relay.dialled(now, leg.verified))
 
     def leg_secured(self, leg: TLSLeg) -> None:
         self._run(self.relay.secured(leg.tls.negotiated(), self.loop.time(), time.time()))
@@ -115,7 +137,8 @@ class Connection:
         self._run(self.relay.eof(leg.side))
 
     def leg_lost(self, leg: Leg, exc: Exception | None) -> None:
-        self._run(self.relay.lost(leg.side, None if exc is None else type(exc).__name__))
+        error = None if exc is None else type(exc).__name__
+        self._run(self.relay.lost(leg.side, error, reset=isinstance(exc, ConnectionResetError)))
         self._maybe_ended()
 
     # -- actions ----------------------------------------------------------------------------------
@@ -133,7 +156,7 @@ class Connection:
                 if leg is not None:
                     leg.send_eof()
             elif isinstance(action, Close):
-                self._close(action.abort)
+                self._close(action.abort, action.reset)
             elif isinstance(action, Handshook):
                 self.listener.metrics.handshook(action.seconds, action.failure)
             elif isinstance(action, Finish):
@@ -173,7 +196,11 @@ class Connection:
         started = self.loop.time()
         try:
             async with asyncio.timeout(self.listener.limits.connect_timeout):  # no extra task, unlike wait_for
-                await self.loop.create_connection(lambda: leg, target.host, target.port)
+                streams = self.policy.streams
+                if streams is not None and leg.side is self.policy.stream_side:
+                    await streams.open(leg, target, self.relay.client)
+                else:
+                    await self.loop.create_connection(lambda: leg, target.host, target.port)
         except TimeoutError:
             self._dial_failed(f"connect to {target} timed out")
             return
@@ -188,12 +215,12 @@ class Connection:
         self._run(self.relay.dial_failed(reason))
         self._maybe_ended()
 
-    def _close(self, abort: frozenset[Side]) -> None:
+    def _close(self, abort: frozenset[Side], reset: bool) -> None:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
         up = self.up
-        if self._dial_task is not None and (up is None or up.transport is None):
+        if self._dial_task is not None and (up is None or not up.connected):
             # uvloop can hand the leg its transport (and the handshake can even finish) before
             # create_connection returns; cancelling it then closes that transport without ever
             # calling connection_lost. A connected leg is closed like any other; only a dial still
@@ -203,7 +230,7 @@ class Connection:
         for leg in (self.down, up):
             if leg is not None:
                 if leg.side in abort:
-                    leg.abort()
+                    leg.abort(reset)
                 else:
                     leg.close()
         self._maybe_ended()
@@ -211,12 +238,15 @@ class Connection:
     def _maybe_ended(self) -> None:
         if self.relay.state is not State.CLOSING:
             return
-        if all(leg.lost or leg.transport is None for leg in (self.down, self.up) if leg is not None):
+        if all(leg.lost or not leg.connected for leg in (self.down, self.up) if leg is not None):
             self._run(self.relay.ended(self.bytes_to_upstream, self.bytes_to_downstream, self.loop.time()))
 
     # -- internals --------------------------------------------------------------------------------
 
     def _leg(self, side: Side) -> Leg:
+        streams = self.policy.streams
+        if streams is not None and self.policy.stream_side is side:
+            return streams.leg(self, side)
         if self.policy.tls_side is side:
             return TLSLeg(self, side, self.policy.tls_engine(), client=side is Side.UP)
         return Leg(self, side)

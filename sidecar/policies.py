@@ -31,6 +31,8 @@ class InboundPolicy:
 
     direction = Direction.INBOUND
     tls_side = Side.DOWN
+    stream_side = None
+    streams = None
     sessions = None  # we are the server: tickets are issued by OpenSSL
 
     def __init__(self, spec: Inbound, store: TLSStore) -> None:
@@ -53,6 +55,8 @@ class OutboundPolicy:
 
     direction = Direction.OUTBOUND
     tls_side = Side.UP
+    stream_side = None
+    streams = None
 
     def __init__(self, spec: Outbound, store: TLSStore) -> None:
         self.spec = spec

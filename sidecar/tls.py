@@ -151,6 +151,20 @@ def read_files(files: TLSFiles) -> PemBundle:
 
 
 @dataclass(frozen=True)
+class Contexts:
+    """A server and the two client contexts of one material. ``Material.h2``'s offer and accept
+    ALPN ``h2`` and serve HBONE tunnels alone, so that no plain TLS listener or upstream ever
+    negotiates HTTP/2 on the app's behalf."""
+
+    server: ssl.SSLContext
+    client_hostname: ssl.SSLContext
+    client_identity: ssl.SSLContext
+
+    def client(self, *, verify_hostname: bool) -> ssl.SSLContext:
+        return self.client_hostname if verify_hostname else self.client_identity
+
+
+@dataclass(frozen=True)
 class Material:
     """One consistent generation of TLS material with contexts ready for handshakes."""
 
@@ -168,6 +182,7 @@ class Material:
     bundle: PemBundle = field(repr=False, compare=False)
     # Each trust domain's CAs (Workload API only): what ``peer_trust_problem`` checks against.
     authorities: Mapping[str, tuple[x509.Certificate, ...]] = field(repr=False, compare=False, default_factory=dict)
+    h2: Contexts | None = field(repr=False, compare=False, default=None)  # built when tunnels are configured
 
     def client_ctx(self, *, verify_hostname: bool) -> ssl.SSLContext:
         return self.client_ctx_hostname if verify_hostname else self.client_ctx_identity
@@ -220,6 +235,11 @@ class TLSStore:
         self.reloads_error = 0
         self.last_error: str | None = None
         self.subscribers: list[Callable[[Material], None]] = []
+        self.h2 = False  # also build ``Material.h2`` (``want_h2``)
+
+    def want_h2(self) -> None:
+        """Build ALPN-h2 contexts with every material from now on (before the first load)."""
+        self.h2 = True
 
     @property
     def material(self) -> Material:
@@ -278,7 +298,11 @@ class TLSStore:
         else:
             raise CertificateError(f"tls.workload_api: no X.509-SVID received from {self.tls.address} yet")
         return load_material(
-            bundle, session_resumption=self.tls.session_resumption, generation=generation, ticket_keys=ticket_keys
+            bundle,
+            session_resumption=self.tls.session_resumption,
+            generation=generation,
+            ticket_keys=ticket_keys,
+            h2=self.h2,
         )
 
     def _publish(self, material: Material) -> None:
@@ -294,11 +318,13 @@ def load_material(
     generation: int = 1,
     now: datetime | None = None,
     ticket_keys: bytes | None = None,
+    h2: bool = False,
 ) -> Material:
     """Validate (key matches, leaf valid now, chain leads to a trust bundle) and build contexts
     (blocking: run it in a thread).
 
     ``ticket_keys``: session-ticket keys shared by every worker of a supervisor (``tickets.py``).
+    ``h2``: also build the ALPN-h2 contexts of HBONE tunnels (``Material.h2``).
     """
     o = bundle.origin
     chain = _read_certs(bundle.chain, o.label(CERT))
@@ -324,21 +350,30 @@ def load_material(
     loading = f"loading {o.ref(CERT)}, {o.ref(KEY)}, {o.ref(CA)} into TLS"
     with _private_file(cert_pem + key_pem) as pair_path, _private_file(crl_pem or b"") as crl_path:
         crl = crl_path if crl_pem else None
-        server = _context(ssl.PROTOCOL_TLS_SERVER, pair_path, ca_pem, crl, loading)
-        server.verify_mode = ssl.CERT_REQUIRED
-        # TLS 1.3 tickets are sealed with keys random to this context: a reload (new contexts)
-        # makes every ticket issued before it useless, so a resumed peer always resumes trust
-        # material that is still current.
-        server.num_tickets = 1 if session_resumption else 0
-        if ticket_keys is not None and session_resumption and not set_ticket_keys(server, ticket_keys):
-            event(log, logging.WARNING, "cannot share session-ticket keys between workers; tickets stay per worker")
-        client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
-        client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
-        client_i.check_hostname = False  # identity is checked against server_identity after the handshake
+
+        def contexts(alpn: list[str] | None) -> Contexts:
+            server = _context(ssl.PROTOCOL_TLS_SERVER, pair_path, ca_pem, crl, loading)
+            server.verify_mode = ssl.CERT_REQUIRED
+            # TLS 1.3 tickets are sealed with keys random to this context: a reload (new contexts)
+            # makes every ticket issued before it useless, so a resumed peer always resumes trust
+            # material that is still current.
+            server.num_tickets = 1 if session_resumption else 0
+            if ticket_keys is not None and session_resumption and not set_ticket_keys(server, ticket_keys):
+                event(log, logging.WARNING, "cannot share session-ticket keys between workers; tickets stay per worker")
+            client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
+            client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
+            client_i.check_hostname = False  # identity is checked against server_identity after the handshake
+            if alpn is not None:
+                for ctx in (server, client_h, client_i):
+                    ctx.set_alpn_protocols(alpn)
+            return Contexts(server, client_h, client_i)
+
+        plain = contexts(None)
+        with_h2 = contexts(["h2"]) if h2 else None
     return Material(
-        server_ctx=server,
-        client_ctx_hostname=client_h,
-        client_ctx_identity=client_i,
+        server_ctx=plain.server,
+        client_ctx_hostname=plain.client_hostname,
+        client_ctx_identity=plain.client_identity,
         chain=tuple(chain),
         cas=tuple(cas),
         identity=CertInfo.of(leaf),
@@ -347,6 +382,7 @@ def load_material(
         generation=generation,
         bundle=bundle,
         authorities={td: certs for td, certs in authorities.items() if td is not None},
+        h2=with_h2,
     )
 
 

@@ -35,6 +35,7 @@ class Negotiated:
     resumed: bool
     peer: PeerIdentity
     peer_not_after: float | None  # the peer certificate's notAfter, epoch seconds
+    alpn: str | None = None  # the application protocol both sides agreed on (ALPN), if any
 
 
 class TLSEngine:
@@ -87,6 +88,7 @@ class TLSEngine:
             resumed=obj.session_reused,
             peer=from_peercert(cert),
             peer_not_after=_not_after(str(cert["notAfter"])) if cert and "notAfter" in cert else None,
+            alpn=obj.selected_alpn_protocol(),
         )
 
     def peer_certificate(self) -> bytes | None:
