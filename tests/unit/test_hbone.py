@@ -29,16 +29,15 @@ from sidecar.hbone.events import (
     StreamWritable,
 )
 from sidecar.hbone.server import forwarded_for
-from sidecar.identity import PeerIdentity, from_peercert, parse_pattern
+from sidecar.identity import PeerIdentity, from_peercert
 from tests.support import CertFactory, MemoryLink, TunnelWire
 
 FRONTEND = PeerIdentity(uris=("spiffe://mesh.local/frontend",))
-PORTS = {8080: (parse_pattern("spiffe://mesh.local/frontend"),), 9090: (parse_pattern("spiffe://mesh.local/admin"),)}
 SMALL = TunnelSettings(stream_window=64 * 1024, connection_window=256 * 1024, max_frame_size=16384, send_buffer=32768)
 
 
-def wire(settings: TunnelSettings | None = None, peer: PeerIdentity = FRONTEND) -> TunnelWire:
-    server = HboneServer(peer=peer, ports=PORTS, now=0.0, settings=settings)
+def wire(settings: TunnelSettings | None = None) -> TunnelWire:
+    server = HboneServer(now=0.0, settings=settings)
     w = TunnelWire(HboneClient(now=0.0, settings=settings), server)
     w.pump()
     return w
@@ -83,22 +82,16 @@ def test_peer_settings_reach_the_client() -> None:
     assert w.client.peer_max_streams == 7
 
 
-@pytest.mark.parametrize(
-    ("peer", "port", "reason"),
-    [
-        (FRONTEND, 9090, "not_allowed"),  # the port exists, this identity may not reach it
-        (FRONTEND, 7070, "not_allowed"),  # no such port
-        (PeerIdentity(uris=("spiffe://mesh.local/other",)), 8080, "not_allowed"),
-    ],
-)
-def test_a_port_the_peer_may_not_reach_gets_403_and_no_dial(peer: PeerIdentity, port: int, reason: str) -> None:
-    w = wire(peer=peer)
-    sid = w.client.open_stream(f"10.0.0.1:{port}")
+def test_a_refusal_before_the_dial_answers_403_and_drops_what_the_peer_sent() -> None:
+    w = wire()
+    sid = w.client.open_stream("10.0.0.1:9090")
     w.client.send(sid, b"must never reach an app")
     w.pump()
-    assert w.of("server", DialRequested) == []
-    assert w.of("server", StreamRefused) == [StreamRefused(sid, 403, reason)]
+    assert w.of("server", DialRequested) == [DialRequested(sid, 9090, "10.0.0.1:9090", None)]
+    w.server.refuse(sid, 403)  # the driver's relay refused this peer for that port
+    w.pump()
     assert w.of("server", StreamData) == []
+    assert w.of("server", StreamClosed) == [StreamClosed(sid)]
     assert w.of("client", StreamRejected) == [StreamRejected(sid, 403)]
     assert w.of("client", StreamClosed) == [StreamClosed(sid)]
     assert w.server.open_streams == 0 and w.client.open_streams == 0
@@ -119,7 +112,7 @@ def test_a_malformed_authority_gets_400_and_no_dial(authority: str) -> None:
 def test_a_method_other_than_connect_gets_405_and_no_dial() -> None:
     raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     raw.initiate_connection()
-    server = HboneServer(peer=FRONTEND, ports=PORTS, now=0.0)
+    server = HboneServer(now=0.0)
     headers = [(":method", "GET"), (":scheme", "https"), (":authority", "10.0.0.1:8080"), (":path", "/")]
     raw.send_headers(1, headers, end_stream=True)
     server.receive_data(raw.data_to_send(), 0.0)
@@ -373,11 +366,13 @@ def test_streams_through_real_mtls_with_alpn_h2_and_the_verified_identity(tmp_pa
     )
     link.handshake()
     assert link.client.selected_alpn_protocol() == "h2" and link.server.selected_alpn_protocol() == "h2"
-    peer = from_peercert(link.server.getpeercert())
-    w = TunnelWire(HboneClient(now=0.0), HboneServer(peer=peer, ports=PORTS, now=0.0), link)
+    assert from_peercert(link.server.getpeercert()).uris == FRONTEND.uris
+    w = TunnelWire(HboneClient(now=0.0), HboneServer(now=0.0), link)
     w.pump()
     ids = open_accepted(w, 10)
     denied = w.client.open_stream("10.0.0.1:9090")
+    w.pump()
+    w.server.refuse(denied, 403)
     data = {sid: os.urandom(300_000 + sid) for sid in ids}
     for sid in ids:
         send_all(w, w.client, sid, data[sid])
@@ -389,7 +384,7 @@ def test_streams_through_real_mtls_with_alpn_h2_and_the_verified_identity(tmp_pa
         assert bytes(w.received["server", sid]) == data[sid]
         assert bytes(w.received["client", sid]) == data[sid][::-1]
     assert w.of("client", StreamRejected) == [StreamRejected(denied, 403)]
-    assert [d.port for d in w.of("server", DialRequested)] == [8080] * 10
+    assert [d.port for d in w.of("server", DialRequested)] == [8080] * 10 + [9090]
 
 
 # -- small pieces ---------------------------------------------------------------------------------------
