@@ -3,8 +3,11 @@ connections are open on each listener.
 
 A ``Listener`` hands every accepted connection to a ``Connection`` (the driver) with the
 listener's policy, and hears back once, when it has ended, with its ``Record``: it counts it and
-writes the access record. With ``workers: N`` the supervisor binds each listener N times with
-SO_REUSEPORT (``bind_shares``) and its workers serve those sockets (``start(sockets)``).
+writes the access record. ``BaseListener`` is the part every listener shares (the sockets, the
+connections open, their records); a subclass says what an accepted socket becomes (``_accept``):
+the HBONE listener's become tunnels whose streams are its connections. With ``workers: N`` the
+supervisor binds each listener N times with SO_REUSEPORT (``bind_shares``) and its workers serve
+those sockets (``start(sockets)``).
 """
 
 from __future__ import annotations
@@ -18,18 +21,19 @@ from .config import Address, Limits
 from .connection import Connection, ConnectionPolicy
 from .legs import peer_address
 from .metrics import ListenerMetrics
-from .record import Outcome, Record, log_access
+from .record import Direction, Outcome, Record, log_access
 
 BACKLOG = 4096
 
 
-class Listener:
-    """A listening address, its policy, and the connections open on it."""
+class BaseListener:
+    """A listening address and the connections open on it."""
 
-    def __init__(self, policy: ConnectionPolicy, listen: Address, limits: Limits, metrics: ListenerMetrics) -> None:
-        self.policy = policy
-        self.name = policy.name
-        self.direction = policy.direction
+    def __init__(
+        self, name: str, direction: Direction, listen: Address, limits: Limits, metrics: ListenerMetrics
+    ) -> None:
+        self.name = name
+        self.direction = direction
         self.listen = listen
         self.limits = limits
         self.metrics = metrics
@@ -103,18 +107,29 @@ class Listener:
         self.on_closed()
 
     def _accept(self) -> asyncio.Protocol:
+        raise NotImplementedError
+
+
+class Listener(BaseListener):
+    """A listener whose every connection is relayed with one policy."""
+
+    def __init__(self, policy: ConnectionPolicy, listen: Address, limits: Limits, metrics: ListenerMetrics) -> None:
+        super().__init__(policy.name, policy.direction, listen, limits, metrics)
+        self.policy = policy
+
+    def _accept(self) -> asyncio.Protocol:
         if len(self.active) >= self.limits.max_connections:
-            return _Refuse(self)
+            return Refuse(self)
         conn = Connection(self, self.policy, asyncio.get_running_loop())
         self.active.add(conn)
         self.metrics.opened()
         return conn.down
 
 
-class _Refuse(asyncio.Protocol):
+class Refuse(asyncio.Protocol):
     """Over ``max_connections``: close at once, count, log."""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: BaseListener) -> None:
         self.listener = listener
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -65,6 +65,9 @@ def setup(level: str = "info", fmt: str = "json", *, worker: int | None = None) 
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # HTTP/2 and HPACK trace every frame and header at debug: a flood, with header values in it
+    for library in ("h2", "hpack"):
+        logging.getLogger(library).setLevel(logging.WARNING)
 
 
 def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:

@@ -19,7 +19,8 @@ from .tls import TLSStore
 from .tlsio import TLSEngine
 
 
-def _refusal(peer: PeerIdentity, patterns: Sequence[Pattern], where: str) -> str | None:
+def refusal(peer: PeerIdentity, patterns: Sequence[Pattern], where: str) -> str | None:
+    """Why ``peer`` matches none of ``patterns`` (the config key ``where`` lists), or None."""
     if is_allowed(peer, patterns):
         return None
     listed = ", ".join(p.text for p in patterns)
@@ -47,7 +48,7 @@ class InboundPolicy:
         return self.spec.forward
 
     def authorize(self, peer: PeerIdentity) -> str | None:
-        return _refusal(peer, self.spec.allow, "allow")
+        return refusal(peer, self.spec.allow, "allow")
 
 
 class OutboundPolicy:
@@ -76,4 +77,4 @@ class OutboundPolicy:
         patterns = self.spec.server_identity
         if patterns is None:
             return None  # OpenSSL verified the host name during the handshake
-        return _refusal(peer, patterns, "server_identity")
+        return refusal(peer, patterns, "server_identity")

@@ -17,7 +17,9 @@ from typing import TypeVar
 
 from .config import Config
 from .errors import SidecarError
-from .listeners import Listener
+from .hbone.inbound import HboneListener
+from .hbone.outbound import TunnelListener, TunnelPolicy
+from .listeners import BaseListener, Listener
 from .logs import event
 from .metrics import DataMetrics
 from .policies import InboundPolicy, OutboundPolicy
@@ -36,16 +38,25 @@ class Runtime:
         self._closed = asyncio.Event()  # set whenever a connection ends
         self._forced = False
         self._sampler: asyncio.Task[None] | None = None
-        self.listeners: list[Listener] = []
+        self.listeners: list[BaseListener] = []
         self._where: list[str] = []  # each listener's YAML path, for errors
         for i, inbound in enumerate(cfg.inbound):
             policy = InboundPolicy(inbound, store)
             self._add(Listener(policy, inbound.listen, cfg.limits, metrics.for_listener(inbound.name, "inbound")))
             self._where.append(f"inbound[{i}].listen")
         for i, outbound in enumerate(cfg.outbound):
-            out = OutboundPolicy(outbound, store)
-            self._add(Listener(out, outbound.listen, cfg.limits, metrics.for_listener(outbound.name, "outbound")))
+            lm = metrics.for_listener(outbound.name, "outbound")
+            if outbound.tunnel is not None:
+                gauge = metrics.hbone_pool_connections.labels(listener=outbound.name)
+                tunnelled = TunnelPolicy(outbound, store, cfg.limits, lm, gauge)
+                self._add(TunnelListener(tunnelled, outbound.listen, cfg.limits, lm))
+            else:
+                self._add(Listener(OutboundPolicy(outbound, store), outbound.listen, cfg.limits, lm))
             self._where.append(f"outbound[{i}].listen")
+        if cfg.hbone is not None:
+            hbone = cfg.hbone
+            self._add(HboneListener(hbone, store, cfg.limits, metrics.for_listener(hbone.name, "inbound")))
+            self._where.append("hbone.listen")
 
     # -- start ------------------------------------------------------------------------------------
 
@@ -112,7 +123,7 @@ class Runtime:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _add(self, listener: Listener) -> None:
+    def _add(self, listener: BaseListener) -> None:
         listener.on_closed = self._closed.set
         self.listeners.append(listener)
 
