@@ -204,6 +204,7 @@ class Tunnel:
         if self.state is TunnelState.CLOSED:
             return
         self._end()
+        self._write()  # closing from inside a round: what that round queued goes out first
         self.leg.close()
 
     def pump(self) -> None:
@@ -216,11 +217,14 @@ class Tunnel:
             while events := mux.events():
                 for event in events:
                     self._dispatch(event)
-            out = mux.data_to_send()
-            if out:
-                self.leg.send(out)
+            self._write()
         finally:
             self._pumping = False
+
+    def _write(self) -> None:
+        out = self.mux.data_to_send()
+        if out:
+            self.leg.send(out)
 
     # -- what the two ends add --------------------------------------------------------------------
 
