@@ -19,7 +19,7 @@ from .procs import BenchError, Procs, sigterm_as_interrupt
 from .runner import Bench, Settings, require_tools
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_PAIRS = ("direct", "sidecar", "stunnel", "haproxy", "nginx")
+ALL_PAIRS = ("direct", "sidecar", "sidecar-hbone", "stunnel", "haproxy", "nginx")
 
 
 def build_parser() -> argparse.ArgumentParser:
