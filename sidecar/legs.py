@@ -88,7 +88,7 @@ class Leg(asyncio.Protocol):
         self.write_eof = False  # we finished sending on this leg
         self.received = 0  # plaintext bytes read from this leg and handed on to the other
         self.lost = False  # the transport is gone
-        self._held: list[bytes] | None = None  # read before streaming
+        self._held: list[Bytes] | None = None  # read before streaming
         self._other_full = False
         self._reading_paused = False
         self._lingering = False
@@ -149,7 +149,7 @@ class Leg(asyncio.Protocol):
         """``ip:port`` of the far end, or ``-``."""
         return peer_address(self.transport)
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Bytes) -> None:
         """Write plaintext toward this leg's far end."""
         transport = self.transport
         if transport is not None and not self.lost and not self.write_eof:
@@ -211,7 +211,7 @@ class Leg(asyncio.Protocol):
     def _before_fin(self) -> None:
         """What must precede our FIN on this leg (a TLS leg's close_notify)."""
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, data: Bytes) -> None:
         other = self.other
         if other is not None:
             self.received += len(data)
@@ -293,7 +293,7 @@ class TLSLeg(Leg):
             return False
         return super().eof_received()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Bytes) -> None:
         transport = self.transport
         if transport is None or self.lost or self.write_eof:
             return
@@ -326,6 +326,8 @@ class TLSLeg(Leg):
         if tls.has_output and transport is not None and not self.lost:
             transport.write(tls.output())
 
+
+Bytes = bytes | bytearray | memoryview  # what legs read and write: received bytes, or views of them
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}: close sends RST
 

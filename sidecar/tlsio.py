@@ -125,7 +125,7 @@ class TLSEngine:
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` into ``output``. Raises ``TLSFailure``."""
         try:
             self._obj.write(data)

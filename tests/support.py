@@ -760,6 +760,7 @@ class TunnelWire:
         self.server_events: list[Any] = []
         self.received: dict[tuple[str, int], bytearray] = {}
         self.auto_consume = {"client": True, "server": True}
+        self.chop: Callable[[bytes], list[bytes]] | None = None  # split what one side reads, as a socket may
 
     def _carry(self, data: bytes, to_server: bool) -> bytes:
         if self.link is None or not data:
@@ -784,7 +785,8 @@ class TunnelWire:
                 data = self._carry(conn.data_to_send(), to_server)
                 if data:
                     moved = True
-                    peer.receive_data(data, self.now)
+                    for piece in self.chop(data) if self.chop is not None else [data]:
+                        peer.receive_data(piece, self.now)
             for side, conn, sink in (
                 ("client", self.client, self.client_events),
                 ("server", self.server, self.server_events),

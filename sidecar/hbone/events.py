@@ -52,7 +52,7 @@ class StreamData:
     really gone (written out, not merely queued): that, and only that, reopens the peer's window."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview  # a view of the received bytes: hand it on, do not keep it mutable
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from typing import Protocol
 from h2.errors import ErrorCodes
 
 from .. import legs
-from ..legs import Leg, LegOwner
+from ..legs import Bytes, Leg, LegOwner
 from ..record import Outcome
 from ..relay import Side
 from ..tlsio import Negotiated
@@ -61,7 +61,7 @@ class StreamHost(Protocol):
     @property
     def peer_address(self) -> str: ...  # the tunnel's far end, ``ip:port``
 
-    def send(self, stream_id: int, data: bytes) -> bool: ...  # False: pause the writer
+    def send(self, stream_id: int, data: Bytes) -> bool: ...  # False: pause the writer
 
     def end_stream(self, stream_id: int) -> None: ...
 
@@ -103,7 +103,7 @@ class StreamLeg(Leg):
     def far_address(self) -> str:
         return self.host.peer_address if self.host is not None else "-"
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Bytes) -> None:
         host, sid = self.host, self.stream_id
         if host is None or sid is None or self.lost or self.write_eof:
             return
@@ -186,7 +186,7 @@ class StreamLeg(Leg):
         """Out: the peer answered ``status``; its reset and close follow."""
         self._fail_open(StreamRefusedError(status))
 
-    def data(self, chunk: bytes) -> None:
+    def data(self, chunk: Bytes) -> None:
         self._owed += len(chunk)
         if not self._lingering:
             self._deliver(chunk)  # to the other leg, or held until streaming

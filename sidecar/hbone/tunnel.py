@@ -23,7 +23,7 @@ from enum import StrEnum
 
 from ..config import Limits
 from ..errors import PeerError
-from ..legs import Leg, TLSLeg
+from ..legs import Bytes, Leg, TLSLeg
 from ..metrics import ListenerMetrics
 from ..record import Outcome
 from ..relay import Side
@@ -58,7 +58,7 @@ class TunnelLeg(TLSLeg):
         self.tunnel.mux.resume_output()
         self.tunnel.pump()
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, data: Bytes) -> None:
         self.received += len(data)
         self.tunnel.receive(data)
 
@@ -103,7 +103,7 @@ class Tunnel:
     def peer_address(self) -> str:
         return self._peer_address
 
-    def send(self, stream_id: int, data: bytes) -> bool:
+    def send(self, stream_id: int, data: Bytes) -> bool:
         ok = self.mux.send(stream_id, data)
         self.pump()
         return ok
@@ -185,7 +185,7 @@ class Tunnel:
     def usable(self) -> bool:
         return self.state is TunnelState.OPEN and self.mux.usable
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: Bytes) -> None:
         """Plaintext from the TLS connection."""
         self.mux.receive_data(data, self.loop.time())
         self.pump()

@@ -4,6 +4,7 @@ TLS with ALPN h2): CONNECT, byte-exact streams, half-close, resets, statuses, fl
 from __future__ import annotations
 
 import os
+import random
 import ssl
 from pathlib import Path
 
@@ -275,6 +276,64 @@ def test_a_peer_that_overruns_the_stream_window_loses_the_connection() -> None:
     assert any(isinstance(e, ConnectionTerminated) and e.local for e in events)
     assert StreamReset(sid, ErrorCodes.CONNECT_ERROR, before_response=False) in events
     assert sum(len(e.data) for e in events if isinstance(e, StreamData)) <= SMALL.stream_window
+
+
+@pytest.mark.parametrize("cut", ["bytes", "random"])
+def test_frames_split_anywhere_across_reads_arrive_exactly(cut: str) -> None:
+    """DATA payloads are handed on as they arrive and other frames go to h2 whole, whatever the
+    read boundaries: one byte at a time, or at random places."""
+    rng = random.Random(17)
+
+    def chop(data: bytes) -> list[bytes]:
+        if cut == "bytes":
+            return [data[i : i + 1] for i in range(len(data))]
+        out, i = [], 0
+        while i < len(data):
+            n = rng.randint(1, 40_000)
+            out.append(data[i : i + n])
+            i += n
+        return out
+
+    w = wire(SMALL)
+    w.chop = chop
+    ids = open_accepted(w, 3)
+    size = 50_000 if cut == "bytes" else 400_000
+    data = {sid: os.urandom(size + sid) for sid in ids}
+    for sid in ids:
+        send_all(w, w.client, sid, data[sid], chunk=7_001)
+        send_all(w, w.server, sid, data[sid][::-1], chunk=7_001)
+        w.client.end_stream(sid)
+        w.server.end_stream(sid)
+    w.pump()
+    for sid in ids:
+        assert bytes(w.received["server", sid]) == data[sid]
+        assert bytes(w.received["client", sid]) == data[sid][::-1]
+    assert {e.stream_id for e in w.of("server", StreamClosed)} == set(ids)
+
+
+def test_padded_data_is_unpadded_and_its_padding_credited() -> None:
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    raw.initiate_connection()
+    server = HboneServer(now=0.0, settings=SMALL)
+    raw.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:8080")])
+    server.receive_data(raw.data_to_send(), 0.0)
+    server.accept(1)
+    raw.receive_data(server.data_to_send())
+    for _ in range(16):  # 16 x (1000 + 200 padding) = 19,200 bytes of window: past a quarter of it
+        raw.send_data(1, b"p" * 1000, pad_length=199)
+        server.receive_data(raw.data_to_send(), 0.0)
+    got = b"".join(bytes(e.data) for e in server.events() if isinstance(e, StreamData))
+    assert got == b"p" * 16000
+    server.consumed(1, 16000)
+    assert server._h2._get_stream_by_id(1).inbound_flow_control_window == SMALL.stream_window  # padding too
+
+
+def test_a_frame_larger_than_we_allow_fails_the_connection_at_its_header() -> None:
+    w = wire(SMALL)
+    (sid,) = open_accepted(w)
+    header = (SMALL.max_frame_size + 1).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big")
+    w.server.receive_data(header, 0.0)  # refused before a byte of its payload is waited for
+    assert any(isinstance(e, ConnectionTerminated) and e.local for e in w.server.events())
 
 
 def test_large_frames_are_used_when_both_sides_allow_them() -> None:
