@@ -275,16 +275,19 @@ class TunnelConnection:
         self._forget(stream)
         self._events.append(ev.StreamClosed(stream_id))
 
-    def consumed(self, stream_id: int, size: int) -> None:
-        """``size`` bytes of this stream's data were written out: hand the window back."""
+    def consumed(self, stream_id: int, size: int) -> bool:
+        """``size`` bytes of this stream's data were written out: hand the window back. True when
+        that put a WINDOW_UPDATE in ``data_to_send``."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.remote_ended or self.failed:
-            return
+            return False
         stream.uncredited += size
-        if stream.uncredited >= self.settings.stream_window // 4:
-            with contextlib.suppress(StreamClosedError):
-                self._h2.increment_flow_control_window(stream.uncredited, stream_id=stream_id)
-            stream.uncredited = 0
+        if stream.uncredited < self.settings.stream_window // 4:
+            return False
+        with contextlib.suppress(StreamClosedError):
+            self._h2.increment_flow_control_window(stream.uncredited, stream_id=stream_id)
+        stream.uncredited = 0
+        return True
 
     # -- shared internals -------------------------------------------------------------------
 
@@ -499,7 +502,7 @@ class TunnelConnection:
     def _flush(self) -> None:
         """Move queued bytes into DATA frames within the peer's windows, one frame per stream per
         round so that streams share the connection window."""
-        if self._output_paused or self.failed:
+        if self._output_paused or self.failed or not self._sending:
             return
         progress = True
         while progress and self._sending:

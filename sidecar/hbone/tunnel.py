@@ -117,8 +117,8 @@ class Tunnel:
         self.pump()
 
     def consumed(self, stream_id: int, size: int) -> None:
-        self.mux.consumed(stream_id, size)
-        self.pump()
+        if self.mux.consumed(stream_id, size):
+            self.pump()
 
     def accept(self, stream_id: int) -> None:
         raise NotImplementedError("only a server tunnel answers streams")
