@@ -244,6 +244,12 @@ class TunnelConnection:
         stream = self._streams.get(stream_id)
         if stream is None or stream.end_requested:
             return True
+        if not stream.queued and stream.open_for_data and not self._output_paused and not self.failed:
+            h2, size = self._h2, len(data)
+            window = min(h2.outbound_flow_control_window, h2.streams[stream_id].outbound_flow_control_window)
+            if size <= window and size <= h2.max_outbound_frame_size:
+                self._write_data(stream_id, data)  # nothing waits ahead of it and it fits: one frame now
+                return True
         if data:
             stream.out.append(data)
             stream.queued += len(data)
@@ -317,8 +323,9 @@ class TunnelConnection:
                 self._partial, self._partial_left = bytearray(view[pos:]), None
                 pos = h2_from = end
                 break
-            length = self._frame_length(view[pos : pos + FRAME_HEADER])
-            flowing = self._fast(view[pos : pos + FRAME_HEADER])
+            header = view[pos : pos + FRAME_HEADER]
+            length = self._frame_length(header)
+            flowing = self._fast(header) if header[3] == DATA else None
             if flowing is not None:
                 if h2_from < pos:
                     self._feed_h2(view[h2_from:pos])
