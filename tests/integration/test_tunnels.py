@@ -42,7 +42,9 @@ from support import (
 LIMIT = 10.0
 
 
-def inbound_config(folder: Path, ca: CertFactory, ports: dict[int, list[str]], listen: str = "127.0.0.1:0") -> Path:
+def inbound_config(
+    folder: Path, ca: CertFactory, ports: dict[int, list[str]], listen: str = "127.0.0.1:0", workers: int = 1
+) -> Path:
     return write_config(
         folder / "hbone-in.yaml",
         {
@@ -53,12 +55,19 @@ def inbound_config(folder: Path, ca: CertFactory, ports: dict[int, list[str]], l
             },
             "admin": {"listen": "127.0.0.1:0"},
             "limits": {"drain_timeout": "5s"},
+            "workers": workers,
         },
     )
 
 
 def outbound_config(
-    folder: Path, ca: CertFactory, hbone_port: int, targets: dict[str, int], *, identity: str = "frontend"
+    folder: Path,
+    ca: CertFactory,
+    hbone_port: int,
+    targets: dict[str, int],
+    *,
+    identity: str = "frontend",
+    workers: int = 1,
 ) -> Path:
     return write_config(
         folder / f"hbone-out-{identity}.yaml",
@@ -75,6 +84,7 @@ def outbound_config(
                 for name, port in targets.items()
             ],
             "admin": {"listen": "127.0.0.1:0"},
+            "workers": workers,
         },
     )
 
@@ -145,6 +155,23 @@ def test_many_concurrent_streams_are_byte_exact_over_one_tls_connection(mesh: Me
     assert sorted(r["bytes_to_upstream"] for r in records) == sorted(len(p) for p in payloads)
     assert {r["direction"] for r in records} == {"inbound"}
     assert mesh.backend.accepts == len(payloads)
+
+
+def test_with_two_workers_each_side_every_worker_pools_its_own_tunnel(
+    tmp_path: Path, ca: CertFactory, backend: Backend, sidecars: list[SidecarProcess]
+) -> None:
+    inbound = start_sidecar(inbound_config(tmp_path, ca, {backend.port: ["*"]}, workers=2))
+    sidecars.append(inbound)
+    outbound = start_sidecar(outbound_config(tmp_path, ca, inbound.port("hbone"), {"orders": backend.port}, workers=2))
+    sidecars.append(outbound)
+    payloads = [os.urandom(50_000 + i) for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda p: exchange(outbound.port("orders"), p), payloads)) == payloads
+    wait_for(lambda: len(inbound.access("hbone")) == len(payloads))
+    tunnels = value(outbound, "sidecar_hbone_pool_connections", listener="orders")
+    assert 1 <= tunnels <= 2  # summed over the live workers: at most one each
+    assert value(inbound, "sidecar_handshake_seconds_count", listener="hbone") == tunnels
+    assert outcomes(inbound, "hbone", "inbound") == {"ok": len(payloads)}
 
 
 def test_each_stream_half_closes_on_its_own(mesh: Mesh) -> None:
