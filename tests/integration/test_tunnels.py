@@ -457,6 +457,22 @@ def test_a_reload_retires_the_pooled_tunnel_without_breaking_a_live_stream(mesh:
     wait_for(lambda: value(mesh.outbound, "sidecar_hbone_pool_connections", listener="orders") == 1)
 
 
+def test_a_reload_on_the_hbone_side_sends_goaway_and_the_pool_moves_on(mesh: Mesh) -> None:
+    live = plain_connect(mesh.app_port)
+    try:
+        live.sendall(b"one")
+        assert recv_exactly(live, 3) == b"one"
+        mesh.inbound.signal(signal.SIGHUP)  # GOAWAY on the tunnel accepted under the old material
+        wait_for(lambda: any(r.get("msg") == "certificates reloaded" for r in mesh.inbound.logs()))
+        wait_for(lambda: _echoes(mesh.app_port, b"new"))  # the client saw the GOAWAY: a new tunnel
+        assert value(mesh.inbound, "sidecar_handshake_seconds_count", listener="hbone") == 2
+        live.sendall(b"two")  # the stream on the old tunnel still flows
+        assert recv_exactly(live, 3) == b"two"
+    finally:
+        live.close()
+    wait_for(lambda: value(mesh.outbound, "sidecar_hbone_pool_connections", listener="orders") == 1)
+
+
 def test_a_drain_lets_open_streams_finish(mesh: Mesh) -> None:
     live = plain_connect(mesh.app_port)
     try:
