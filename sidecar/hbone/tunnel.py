@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from enum import StrEnum
+from typing import Any
 
 from ..config import Limits
 from ..errors import PeerError
@@ -34,6 +36,17 @@ from .streamleg import StreamLeg
 
 ALPN = "h2"
 KEEPALIVE_TICK = 2.5  # seconds between keepalive checks (the connection decides when to ping)
+
+
+# What each stream event becomes on the stream's leg; the tunnel handles the rest itself.
+_TO_LEG: dict[type[ev.Event], Callable[[StreamLeg, Any], None]] = {
+    ev.StreamData: lambda leg, e: leg.data(e.data),
+    ev.StreamWritable: lambda leg, e: leg.writable(),
+    ev.StreamEnded: lambda leg, e: leg.ended(),
+    ev.StreamReset: lambda leg, e: leg.was_reset(e.error_code),
+    ev.StreamAccepted: lambda leg, e: leg.accepted(),
+    ev.StreamRejected: lambda leg, e: leg.rejected(e.status),
+}
 
 
 class TunnelState(StrEnum):
@@ -255,30 +268,11 @@ class Tunnel:
     # -- internals --------------------------------------------------------------------------------
 
     def _dispatch(self, event: ev.Event) -> None:
-        if isinstance(event, ev.StreamData):
-            leg = self.legs.get(event.stream_id)
+        to_leg = _TO_LEG.get(type(event))
+        if to_leg is not None:
+            leg = self.legs.get(event.stream_id)  # type: ignore[union-attr]
             if leg is not None:
-                leg.data(event.data)
-        elif isinstance(event, ev.StreamWritable):
-            leg = self.legs.get(event.stream_id)
-            if leg is not None:
-                leg.writable()
-        elif isinstance(event, ev.StreamEnded):
-            leg = self.legs.get(event.stream_id)
-            if leg is not None:
-                leg.ended()
-        elif isinstance(event, ev.StreamReset):
-            leg = self.legs.get(event.stream_id)
-            if leg is not None:
-                leg.was_reset(event.error_code)
-        elif isinstance(event, ev.StreamAccepted):
-            leg = self.legs.get(event.stream_id)
-            if leg is not None:
-                leg.accepted()
-        elif isinstance(event, ev.StreamRejected):
-            leg = self.legs.get(event.stream_id)
-            if leg is not None:
-                leg.rejected(event.status)
+                to_leg(leg, event)
         elif isinstance(event, ev.StreamClosed):
             leg = self.legs.pop(event.stream_id, None)
             if leg is not None:

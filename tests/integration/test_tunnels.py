@@ -16,6 +16,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,18 @@ class Mesh:
     @property
     def app_port(self) -> int:
         return self.outbound.port("orders")
+
+
+def start_tunnelled(
+    folder: Path, ca: CertFactory, sidecars: list[SidecarProcess], port: int
+) -> tuple[SidecarProcess, SidecarProcess]:
+    """An hbone sidecar letting anyone verified reach ``port``, and an outbound one tunnelling
+    ``orders`` to it; both are stopped after the test."""
+    inbound = start_sidecar(inbound_config(folder, ca, {port: ["*"]}))
+    sidecars.append(inbound)
+    outbound = start_sidecar(outbound_config(folder, ca, inbound.port("hbone"), {"orders": port}))
+    sidecars.append(outbound)
+    return inbound, outbound
 
 
 @pytest.fixture
@@ -212,10 +225,7 @@ def test_an_app_reset_reaches_the_backend_as_a_reset(tmp_path: Path, ca: CertFac
 
     backend = Backend(handler)
     try:
-        inbound = start_sidecar(inbound_config(tmp_path, ca, {backend.port: ["*"]}))
-        sidecars.append(inbound)
-        outbound = start_sidecar(outbound_config(tmp_path, ca, inbound.port("hbone"), {"orders": backend.port}))
-        sidecars.append(outbound)
+        _, outbound = start_tunnelled(tmp_path, ca, sidecars, backend.port)
         s = plain_connect(outbound.port("orders"))
         s.sendall(b"x")
         assert got_data.wait(LIMIT)
@@ -233,10 +243,7 @@ def test_a_backend_reset_reaches_the_app_as_a_reset(tmp_path: Path, ca: CertFact
 
     backend = Backend(handler)
     try:
-        inbound = start_sidecar(inbound_config(tmp_path, ca, {backend.port: ["*"]}))
-        sidecars.append(inbound)
-        outbound = start_sidecar(outbound_config(tmp_path, ca, inbound.port("hbone"), {"orders": backend.port}))
-        sidecars.append(outbound)
+        _, outbound = start_tunnelled(tmp_path, ca, sidecars, backend.port)
         with plain_connect(outbound.port("orders")) as s:
             s.sendall(b"x")
             with pytest.raises(ConnectionResetError):
@@ -384,10 +391,7 @@ def test_a_slow_reader_on_one_stream_does_not_stall_the_others(
 
     backend = Backend(first_never_reads)
     try:
-        inbound = start_sidecar(inbound_config(tmp_path, ca, {backend.port: ["*"]}))
-        sidecars.append(inbound)
-        outbound = start_sidecar(outbound_config(tmp_path, ca, inbound.port("hbone"), {"orders": backend.port}))
-        sidecars.append(outbound)
+        inbound, outbound = start_tunnelled(tmp_path, ca, sidecars, backend.port)
         slow = plain_connect(outbound.port("orders"))
         slow.setblocking(False)
         chunk = os.urandom(1 << 20)
@@ -439,53 +443,51 @@ def _echoes(port: int, payload: bytes) -> bool:
         return False
 
 
-def test_a_reload_retires_the_pooled_tunnel_without_breaking_a_live_stream(mesh: Mesh) -> None:
-    live = plain_connect(mesh.app_port)
+@contextlib.contextmanager
+def live_stream(port: int) -> Iterator[socket.socket]:
+    """An app connection echoing through the tunnel before the body runs, and still after it, to
+    its graceful end (our FIN, then the backend's, back through END_STREAM each way)."""
+    live = plain_connect(port)
     try:
         live.sendall(b"one")
         assert recv_exactly(live, 3) == b"one"
-        mesh.outbound.signal(signal.SIGHUP)  # new material: the pooled tunnel takes no new streams
-        wait_for(lambda: any(r.get("msg") == "certificates reloaded" for r in mesh.outbound.logs()))
-        assert exchange(mesh.app_port, b"new stream") == b"new stream"  # on a new tunnel
-        assert value(mesh.inbound, "sidecar_handshake_seconds_count", listener="hbone") == 2
-        assert value(mesh.outbound, "sidecar_hbone_pool_connections", listener="orders") == 2
-        live.sendall(b"two")  # the live stream on the retired tunnel still flows
-        assert recv_exactly(live, 3) == b"two"
-    finally:
-        live.close()
-    # its last stream gone, the retired tunnel closes
-    wait_for(lambda: value(mesh.outbound, "sidecar_hbone_pool_connections", listener="orders") == 1)
-
-
-def test_a_reload_on_the_hbone_side_sends_goaway_and_the_pool_moves_on(mesh: Mesh) -> None:
-    live = plain_connect(mesh.app_port)
-    try:
-        live.sendall(b"one")
-        assert recv_exactly(live, 3) == b"one"
-        mesh.inbound.signal(signal.SIGHUP)  # GOAWAY on the tunnel accepted under the old material
-        wait_for(lambda: any(r.get("msg") == "certificates reloaded" for r in mesh.inbound.logs()))
-        wait_for(lambda: _echoes(mesh.app_port, b"new"))  # the client saw the GOAWAY: a new tunnel
-        assert value(mesh.inbound, "sidecar_handshake_seconds_count", listener="hbone") == 2
-        live.sendall(b"two")  # the stream on the old tunnel still flows
-        assert recv_exactly(live, 3) == b"two"
-    finally:
-        live.close()
-    wait_for(lambda: value(mesh.outbound, "sidecar_hbone_pool_connections", listener="orders") == 1)
-
-
-def test_a_drain_lets_open_streams_finish(mesh: Mesh) -> None:
-    live = plain_connect(mesh.app_port)
-    try:
-        live.sendall(b"one")
-        assert recv_exactly(live, 3) == b"one"
-        mesh.inbound.signal(signal.SIGTERM)  # GOAWAY on the tunnel: the open stream finishes
-        wait_for(lambda: any(r.get("msg") == "draining" for r in mesh.inbound.logs()))
-        live.sendall(b"two")
+        yield live
+        live.sendall(b"two")  # the stream opened before still flows
         assert recv_exactly(live, 3) == b"two"
         live.shutdown(socket.SHUT_WR)
         assert read_to_end(live) == b""
     finally:
         live.close()
+
+
+def logged(sc: SidecarProcess, msg: str) -> None:
+    wait_for(lambda: any(r.get("msg") == msg for r in sc.logs()))
+
+
+def test_a_reload_retires_the_pooled_tunnel_without_breaking_a_live_stream(mesh: Mesh) -> None:
+    with live_stream(mesh.app_port):
+        mesh.outbound.signal(signal.SIGHUP)  # new material: the pooled tunnel takes no new streams
+        logged(mesh.outbound, "certificates reloaded")
+        assert exchange(mesh.app_port, b"new stream") == b"new stream"  # on a new tunnel
+        assert value(mesh.inbound, "sidecar_handshake_seconds_count", listener="hbone") == 2
+        assert value(mesh.outbound, "sidecar_hbone_pool_connections", listener="orders") == 2
+    # its last stream gone, the retired tunnel closes
+    wait_for(lambda: value(mesh.outbound, "sidecar_hbone_pool_connections", listener="orders") == 1)
+
+
+def test_a_reload_on_the_hbone_side_sends_goaway_and_the_pool_moves_on(mesh: Mesh) -> None:
+    with live_stream(mesh.app_port):
+        mesh.inbound.signal(signal.SIGHUP)  # GOAWAY on the tunnel accepted under the old material
+        logged(mesh.inbound, "certificates reloaded")
+        wait_for(lambda: _echoes(mesh.app_port, b"new"))  # the client saw the GOAWAY: a new tunnel
+        assert value(mesh.inbound, "sidecar_handshake_seconds_count", listener="hbone") == 2
+    wait_for(lambda: value(mesh.outbound, "sidecar_hbone_pool_connections", listener="orders") == 1)
+
+
+def test_a_drain_lets_open_streams_finish(mesh: Mesh) -> None:
+    with live_stream(mesh.app_port):
+        mesh.inbound.signal(signal.SIGTERM)  # GOAWAY on the tunnel: the open stream finishes
+        logged(mesh.inbound, "draining")
     assert mesh.inbound.proc.wait(LIMIT) == 0
     (record,) = mesh.inbound.access("hbone")
     assert record["outcome"] == "ok" and record["bytes_to_upstream"] == 6

@@ -63,6 +63,21 @@ def send_all(w: TunnelWire, conn: HboneClient | HboneServer, stream_id: int, dat
             w.pump()
 
 
+def exchange_and_end(w: TunnelWire, ids: list[int], size: int, chunk: int = 65536) -> None:
+    """Random bytes each way on every stream (a different length per stream), both ends finish;
+    each side must have received exactly what the other sent."""
+    data = {sid: os.urandom(size + sid) for sid in ids}
+    for sid in ids:
+        send_all(w, w.client, sid, data[sid], chunk)
+        send_all(w, w.server, sid, data[sid][::-1], chunk)
+        w.client.end_stream(sid)
+        w.server.end_stream(sid)
+    w.pump()
+    for sid in ids:
+        assert bytes(w.received["server", sid]) == data[sid]
+        assert bytes(w.received["client", sid]) == data[sid][::-1]
+
+
 # -- the request ---------------------------------------------------------------------------
 
 
@@ -298,16 +313,7 @@ def test_frames_split_anywhere_across_reads_arrive_exactly(cut: str) -> None:
     w.chop = chop
     ids = open_accepted(w, 3)
     size = 50_000 if cut == "bytes" else 400_000
-    data = {sid: os.urandom(size + sid) for sid in ids}
-    for sid in ids:
-        send_all(w, w.client, sid, data[sid], chunk=7_001)
-        send_all(w, w.server, sid, data[sid][::-1], chunk=7_001)
-        w.client.end_stream(sid)
-        w.server.end_stream(sid)
-    w.pump()
-    for sid in ids:
-        assert bytes(w.received["server", sid]) == data[sid]
-        assert bytes(w.received["client", sid]) == data[sid][::-1]
+    exchange_and_end(w, ids, size, chunk=7_001)
     assert {e.stream_id for e in w.of("server", StreamClosed)} == set(ids)
 
 
@@ -432,16 +438,7 @@ def test_streams_through_real_mtls_with_alpn_h2_and_the_verified_identity(tmp_pa
     denied = w.client.open_stream("10.0.0.1:9090")
     w.pump()
     w.server.refuse(denied, 403)
-    data = {sid: os.urandom(300_000 + sid) for sid in ids}
-    for sid in ids:
-        send_all(w, w.client, sid, data[sid])
-        send_all(w, w.server, sid, data[sid][::-1])
-        w.client.end_stream(sid)
-        w.server.end_stream(sid)
-    w.pump()
-    for sid in ids:
-        assert bytes(w.received["server", sid]) == data[sid]
-        assert bytes(w.received["client", sid]) == data[sid][::-1]
+    exchange_and_end(w, ids, 300_000)
     assert w.of("client", StreamRejected) == [StreamRejected(denied, 403)]
     assert [d.port for d in w.of("server", DialRequested)] == [8080] * 10 + [9090]
 
