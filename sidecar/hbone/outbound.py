@@ -233,7 +233,9 @@ class TunnelPolicy:
                 raise TunnelError(f"connect to {upstream}: {exc.strerror or exc}") from None
             await tunnel.ready
         except BaseException:
-            tunnel.leg.abort()
+            tunnel.abort()  # given up (failed, timed out, or the app connection went): nothing left behind
+            if not tunnel.ready.done():
+                tunnel.ready.cancel()
             raise
         assert isinstance(tunnel.mux, HboneClient)
         return tunnel, tunnel.mux.peer_max_streams

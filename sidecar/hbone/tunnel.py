@@ -220,6 +220,11 @@ class Tunnel:
         self._write()  # closing from inside a round: what that round queued goes out first
         self.leg.close()
 
+    def abort(self) -> None:
+        """End now without a word to the peer (a dial given up): timers stop, streams reset."""
+        self._end()
+        self.leg.abort()
+
     def pump(self) -> None:
         """Hand HTTP/2's events to the stream legs until there are none, then write its output."""
         if self._pumping:
@@ -236,7 +241,7 @@ class Tunnel:
 
     def _write(self) -> None:
         out = self.mux.data_to_send()
-        if out:
+        if out and self.leg.ready:  # before the handshake completed there is no HTTP/2 to speak
             self.leg.send(out)
 
     # -- what the two ends add --------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from support import (
     TD,
     Backend,
@@ -417,6 +418,35 @@ def test_a_slow_reader_on_one_stream_does_not_stall_the_others(
 
 
 # -- the pool: restarts, reloads, drains ---------------------------------------------------------------
+
+
+def test_a_dial_given_up_leaves_nothing_behind(tmp_path: Path, ca: CertFactory, sidecars: list[SidecarProcess]) -> None:
+    """The upstream accepts TCP and never speaks TLS. The app connection waiting for that dial
+    gives up at connect_timeout, and with it the half-made tunnel goes at once: no handshake left
+    to time out later, nothing counted as the peer's handshake failure, no stray error."""
+    mute = socket.create_server(("127.0.0.1", 0))
+    try:
+        cfg = outbound_config(tmp_path, ca, mute.getsockname()[1], {"orders": 8080})
+        data = yaml.safe_load(cfg.read_text())
+        data["limits"] = {"connect_timeout": "500ms", "handshake_timeout": "3s"}
+        outbound = start_sidecar(write_config(cfg, data))
+        sidecars.append(outbound)
+        with plain_connect(outbound.port("orders")) as app:
+            upstream, _ = mute.accept()  # the pool's dial reached the upstream, which stays mute
+            with upstream:
+                upstream.settimeout(2.0)  # well before handshake_timeout
+                assert upstream.recv(1 << 16)  # the ClientHello
+                assert upstream.recv(1 << 16) == b""  # then the dial is dropped
+                assert read_to_end(app) == b""
+        (record,) = outbound.wait_access(1, "orders")
+        assert record["outcome"] == "upstream_error" and "timed out" in record["reason"]
+        time.sleep(2.0)  # past handshake_timeout: a dial left behind would have timed out by now
+        failures = scrape(outbound).series("sidecar_handshake_failures_total", listener="orders")
+        assert sum(failures.values()) == 0
+        assert not any(r.get("level") == "error" or "raw" in r for r in outbound.logs())
+        assert value(outbound, "sidecar_hbone_pool_connections", listener="orders") == 0
+    finally:
+        mute.close()
 
 
 def test_the_pool_dials_again_after_the_peer_restarts(
