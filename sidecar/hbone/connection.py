@@ -49,6 +49,7 @@ DEFAULT_CONNECTION_WINDOW = 65535  # RFC 9113: every connection starts with this
 STATUS_OK = 200
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what a client sends first (RFC 9113 3.4)
 FRAME_HEADER = 9
+COPY_BELOW = 16 * 1024  # smaller DATA payloads are copied behind their header: one TLS record, not two
 DATA = 0x0
 END_STREAM_OR_PADDED = 0x1 | 0x8  # DATA flags that change a stream's state or its payload's meaning
 _FLOWING = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)  # states where DATA may arrive and go on
@@ -154,6 +155,7 @@ class TunnelConnection:
         self._h2.initiate_connection()
         if settings.connection_window > DEFAULT_CONNECTION_WINDOW:
             self._h2.increment_flow_control_window(settings.connection_window - DEFAULT_CONNECTION_WINDOW)
+        self._pieces: list[Bytes] = []  # output before h2's own buffer: large payloads stay uncopied
         self._partial: bytearray | None = None  # the start of a header, or of a frame for h2, split across reads
         self._partial_left: int | None = None  # bytes of that frame still to come (None: still its header)
         self._data_stream = 0  # the stream of the DATA payload being taken here
@@ -192,8 +194,17 @@ class TunnelConnection:
         out, self._events = self._events, []
         return out
 
-    def data_to_send(self) -> bytearray:
-        return self._h2.take_output()
+    def data_to_send(self) -> bytes:
+        """Everything to write to the TLS connection, in order, as one string."""
+        return b"".join(self.output())
+
+    def output(self) -> list[Bytes]:
+        """The same as pieces to write in order, large DATA payloads uncopied."""
+        pieces, self._pieces = self._pieces, []
+        last = self._h2.take_output()
+        if last:
+            pieces.append(last)
+        return pieces
 
     def pause_output(self) -> None:
         """The TLS transport's buffer is full: stop turning queued stream bytes into frames."""
@@ -397,13 +408,18 @@ class TunnelConnection:
             self._dispatch(event)
 
     def _write_data(self, stream_id: int, chunk: Bytes) -> None:
-        """One DATA frame without h2's frame objects; its windows shrink as h2's own send would."""
+        """One DATA frame without h2's frame objects; its windows shrink as h2's own send would.
+        A large payload is not copied into the output: it follows as a piece of its own."""
         h2, size = self._h2, len(chunk)
         h2.outbound_flow_control_window -= size
         h2.streams[stream_id].outbound_flow_control_window -= size
         out = h2._data_to_send
         out += size.to_bytes(3, "big") + b"\x00\x00" + stream_id.to_bytes(4, "big")
-        out += chunk
+        if size < COPY_BELOW:
+            out += chunk
+        else:
+            self._pieces.append(h2.take_output())
+            self._pieces.append(chunk)
 
     def _dispatch(self, event: h2e.Event) -> None:
         if isinstance(event, h2e.DataReceived):

@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..config import Limits
-from ..errors import PeerError
+from ..errors import PeerError, TLSFailure
 from ..legs import Bytes, Leg, TLSLeg
 from ..metrics import ListenerMetrics
 from ..record import Outcome
@@ -77,6 +77,19 @@ class TunnelLeg(TLSLeg):
 
     def _update_reading(self) -> None:
         """Always reading (see the module docstring)."""
+
+    def send_pieces(self, pieces: list[Bytes]) -> None:
+        """Encrypt ``pieces`` in order and write the records at once (one write, not one per piece)."""
+        transport, tls = self.transport, self.tls
+        if transport is None or self.lost or self.write_eof:
+            return
+        try:
+            for piece in pieces:
+                tls.write(piece)
+        except TLSFailure as exc:
+            self.owner.leg_failed(self, exc)
+            return
+        transport.write(tls.output())
 
 
 class Tunnel:
@@ -240,9 +253,9 @@ class Tunnel:
             self._pumping = False
 
     def _write(self) -> None:
-        out = self.mux.data_to_send()
+        out = self.mux.output()
         if out and self.leg.ready:  # before the handshake completed there is no HTTP/2 to speak
-            self.leg.send(out)
+            self.leg.send_pieces(out)
 
     # -- what the two ends add --------------------------------------------------------------------
 
