@@ -18,6 +18,10 @@ Flow control, both ways, is what keeps memory bounded and one slow stream from s
   ``StreamWritable`` says when to resume. ``pause_output`` stops all of this while the TLS
   transport's own buffer is full.
 
+A driver may take stream bytes through ``on_data`` instead of ``StreamData`` events; they come in
+order, and never before the stream's ``StreamAccepted`` could have been queued (the driver must
+hold what arrives before it has seen that event).
+
 The bulk of the bytes, DATA frames of flowing streams, bypass h2's frame objects: an incoming
 payload is handed on as views of the received bytes as they arrive (no copy, no waiting for the
 whole frame) and an outgoing one is written after its 9-byte header, while h2 keeps the state
@@ -29,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import h2.events as h2e
@@ -49,6 +55,7 @@ DEFAULT_CONNECTION_WINDOW = 65535  # RFC 9113: every connection starts with this
 STATUS_OK = 200
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # what a client sends first (RFC 9113 3.4)
 FRAME_HEADER = 9
+_HEADER = struct.Struct(">BHBBL")  # length (24 bits, as 8 + 16), type, flags, reserved bit + stream id
 COPY_BELOW = 16 * 1024  # smaller DATA payloads are copied behind their header: one TLS record, not two
 DATA = 0x0
 END_STREAM_OR_PADDED = 0x1 | 0x8  # DATA flags that change a stream's state or its payload's meaning
@@ -112,11 +119,6 @@ class _H2(H2Connection):
         self.close_connection(ErrorCodes.NO_ERROR)
         self.state_machine.state = state
 
-    def take_output(self) -> bytearray:
-        """The outgoing buffer itself, not a copy of it (``data_to_send`` copies it into ``bytes``)."""
-        out, self._data_to_send = self._data_to_send, bytearray()
-        return out
-
 
 @dataclass
 class _Stream:
@@ -155,6 +157,9 @@ class TunnelConnection:
         self._h2.initiate_connection()
         if settings.connection_window > DEFAULT_CONNECTION_WINDOW:
             self._h2.increment_flow_control_window(settings.connection_window - DEFAULT_CONNECTION_WINDOW)
+        # A driver that takes a stream's bytes at once sets this instead of reading StreamData
+        # events: bulk and keep-alive traffic then costs no event object per chunk.
+        self.on_data: Callable[[int, Bytes], None] | None = None
         self._pieces: list[Bytes] = []  # output before h2's own buffer: large payloads stay uncopied
         self._partial: bytearray | None = None  # the start of a header, or of a frame for h2, split across reads
         self._partial_left: int | None = None  # bytes of that frame still to come (None: still its header)
@@ -200,10 +205,16 @@ class TunnelConnection:
 
     def output(self) -> list[Bytes]:
         """The same as pieces to write in order, large DATA payloads uncopied."""
-        pieces, self._pieces = self._pieces, []
-        last = self._h2.take_output()
+        h2 = self._h2
+        pieces, last = self._pieces, h2._data_to_send
         if last:
+            h2._data_to_send = bytearray()
+            if not pieces:
+                return [last]
             pieces.append(last)
+        elif not pieces:
+            return pieces
+        self._pieces = []
         return pieces
 
     def pause_output(self) -> None:
@@ -334,9 +345,7 @@ class TunnelConnection:
                 self._partial, self._partial_left = bytearray(view[pos:]), None
                 pos = h2_from = end
                 break
-            header = view[pos : pos + FRAME_HEADER]
-            length = self._frame_length(header)
-            flowing = self._fast(header) if header[3] == DATA else None
+            length, flowing = self._header(view, pos)
             if flowing is not None:
                 if h2_from < pos:
                     self._feed_h2(view[h2_from:pos])
@@ -364,8 +373,7 @@ class TunnelConnection:
             pos += n
             if len(partial) < FRAME_HEADER:
                 return pos
-            length = self._frame_length(memoryview(partial))
-            flowing = self._fast(memoryview(partial))
+            length, flowing = self._header(partial, 0)
             if flowing is not None:
                 self._partial = None
                 self._take_data(flowing, length)
@@ -379,22 +387,22 @@ class TunnelConnection:
             self._feed_h2(memoryview(partial))
         return pos + n
 
-    def _frame_length(self, header: memoryview) -> int:
-        length = int.from_bytes(header[:3], "big")
-        if length > self._h2.max_inbound_frame_size:
+    def _header(self, buf: Bytes, at: int) -> tuple[int, H2Stream | None]:
+        """The frame's payload length (refused past our SETTINGS_MAX_FRAME_SIZE), and h2's stream
+        when the frame is DATA that may bypass h2: a flowing stream, and no END_STREAM or padding
+        (which change its state or its payload's meaning)."""
+        high, low, kind, flags, stream_id = _HEADER.unpack_from(buf, at)
+        length = high << 16 | low
+        h2 = self._h2
+        if length > h2.max_inbound_frame_size:
             raise FrameTooLargeError(f"received a frame of {length} bytes, more than SETTINGS_MAX_FRAME_SIZE")
-        return length
-
-    def _fast(self, header: memoryview) -> H2Stream | None:
-        """h2's stream, when the frame is DATA that may bypass h2: a stream that is flowing, and
-        no END_STREAM or padding (which change its state or its payload's meaning)."""
-        if header[3] != DATA or header[4] & END_STREAM_OR_PADDED:
-            return None
-        stream_id = int.from_bytes(header[5:9], "big") & 0x7FFFFFFF
-        if stream_id not in self._streams or self._h2.state_machine.state not in _OPEN:
-            return None
-        h2s = self._h2.streams.get(stream_id)
-        return h2s if h2s is not None and h2s.state_machine.state in _FLOWING else None
+        if kind != DATA or flags & END_STREAM_OR_PADDED:
+            return length, None
+        stream_id &= 0x7FFFFFFF
+        if stream_id not in self._streams or h2.state_machine.state not in _OPEN:
+            return length, None
+        h2s = h2.streams.get(stream_id)
+        return length, (h2s if h2s is not None and h2s.state_machine.state in _FLOWING else None)
 
     def _take_data(self, h2s: H2Stream, length: int) -> None:
         """A DATA frame of ``length`` taken without h2: its windows consume it now, as h2's own
@@ -418,7 +426,8 @@ class TunnelConnection:
         if size < COPY_BELOW:
             out += chunk
         else:
-            self._pieces.append(h2.take_output())
+            self._pieces.append(out)  # what precedes the payload, its header last
+            h2._data_to_send = bytearray()
             self._pieces.append(chunk)
 
     def _dispatch(self, event: h2e.Event) -> None:
@@ -464,7 +473,10 @@ class TunnelConnection:
         if stream.held is not None:
             stream.held.append(data)
         elif stream.open_for_data:
-            self._events.append(ev.StreamData(stream_id, data))
+            if self.on_data is not None:
+                self.on_data(stream_id, data)
+            else:
+                self._events.append(ev.StreamData(stream_id, data))
         else:  # DATA before the response: a peer breaking CONNECT's rules
             self._events.append(ev.StreamReset(stream_id, ErrorCodes.PROTOCOL_ERROR, before_response=True))
             self.reset(stream_id, ErrorCodes.PROTOCOL_ERROR)

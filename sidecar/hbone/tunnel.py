@@ -111,6 +111,7 @@ class Tunnel:
         self.metrics = metrics
         self.leg = TunnelLeg(self, engine, client=client)
         self.legs: dict[int, StreamLeg] = {}
+        mux.on_data = self._stream_data  # a stream leg holds what comes before its 200 is handled
         self.state = TunnelState.HANDSHAKING
         self._negotiated: Negotiated | None = None
         self._peer_address = "-"
@@ -284,6 +285,11 @@ class Tunnel:
         """A stream of this tunnel ended."""
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _stream_data(self, stream_id: int, data: Bytes) -> None:
+        leg = self.legs.get(stream_id)
+        if leg is not None:
+            leg.data(data)
 
     def _dispatch(self, event: ev.Event) -> None:
         to_leg = _TO_LEG.get(type(event))
