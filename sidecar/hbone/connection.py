@@ -1,7 +1,8 @@
 """The shared core of an HBONE connection: HTTP/2 (python-hyper's ``h2``) over one TLS stream, sans-IO.
 
 Theory of operation. The driver feeds the TLS plaintext in (``receive_data``), reads ``events()``
-and writes ``data_to_send()`` back out; it never touches ``h2`` itself. Each CONNECT stream is a
+and writes ``output()`` (or ``data_to_send()``, the same joined) back out; it never touches ``h2``
+itself. Each CONNECT stream is a
 TCP connection's stand-in: DATA is its bytes, END_STREAM its FIN, RST_STREAM its reset.
 
 Flow control, both ways, is what keeps memory bounded and one slow stream from stalling the rest:
@@ -19,8 +20,8 @@ Flow control, both ways, is what keeps memory bounded and one slow stream from s
   transport's own buffer is full.
 
 A driver may take stream bytes through ``on_data`` instead of ``StreamData`` events; they come in
-order, and never before the stream's ``StreamAccepted`` could have been queued (the driver must
-hold what arrives before it has seen that event).
+order, possibly before the stream's ``StreamAccepted`` has been read from ``events()`` (the driver
+holds what comes first).
 
 The bulk of the bytes, DATA frames of flowing streams, bypass h2's frame objects: an incoming
 payload is handed on as views of the received bytes as they arrive (no copy, no waiting for the
