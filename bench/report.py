@@ -216,13 +216,15 @@ def summary_table(results: dict[str, Any]) -> list[str]:
         if vals:
             rows.append([f"*sidecar ÷ {label}*"] + [_ratio(results, "sidecar", k, vals) for k in SUMMARY])
     summary = results["summary"]
-    if summary.get("baseline"):  # --baseline REV: the change against its base, same run
-        ab = {
-            k: summary["sidecar"][k]["median"] / summary["baseline"][k]["median"]
-            for k in SUMMARY
-            if k in summary.get("sidecar", {}) and k in summary["baseline"] and summary["baseline"][k]["median"]
-        }
-        rows.append(["*sidecar ÷ baseline*"] + [_ratio(results, "sidecar", k, ab) for k in SUMMARY])
+    # --baseline REV: the change against its base; HBONE tunnels against our own direct mTLS
+    for pair, base in (("sidecar", "baseline"), ("sidecar-hbone", "sidecar")):
+        if summary.get(base) and summary.get(pair):
+            ab = {
+                k: summary[pair][k]["median"] / summary[base][k]["median"]
+                for k in SUMMARY
+                if k in summary[pair] and k in summary[base] and summary[base][k]["median"]
+            }
+            rows.append([f"*{pair} ÷ {base}*"] + [_ratio(results, pair, k, ab) for k in SUMMARY])
     return _table(header, rows)
 
 
@@ -485,7 +487,14 @@ CHART_LABELS = {
     "ka_cpu": "CPU per\nrequest",
     "nc_cpu": "CPU per\nhandshake",
 }
-_COLORS = {"sidecar": "#d62728", "stunnel": "#7f7f7f", "haproxy": "#1f77b4", "nginx": "#2ca02c"}
+_COLORS = {
+    "sidecar": "#d62728",
+    "sidecar-hbone": "#ff7f0e",
+    "baseline": "#9467bd",
+    "stunnel": "#7f7f7f",
+    "haproxy": "#1f77b4",
+    "nginx": "#2ca02c",
+}
 
 
 # -- assembling and writing ----------------------------------------------------------------------
