@@ -27,6 +27,12 @@ def refusal(peer: PeerIdentity, patterns: Sequence[Pattern], where: str) -> str 
     return f"identity {peer.describe()} is not in {where} [{listed}]"
 
 
+def server_hostname(spec: Outbound) -> str | None:
+    """The SNI an outbound listener sends (and verifies without ``server_identity``): ``sni``, or
+    the upstream's host unless it is an IP address."""
+    return spec.sni or (None if is_ip(spec.upstream.host) else spec.upstream.host)
+
+
 class InboundPolicy:
     """mTLS in from a peer, plaintext out to ``forward``."""
 
@@ -64,7 +70,7 @@ class OutboundPolicy:
         self.name = spec.name
         self.store = store
         self.sessions = SessionCache(store.tls.session_lifetime if store.tls.session_resumption else 0.0)
-        self._server_hostname = spec.sni or (None if is_ip(spec.upstream.host) else spec.upstream.host)
+        self._server_hostname = server_hostname(spec)
 
     def tls_engine(self) -> TLSEngine:
         ctx = self.store.material.client_ctx(verify_hostname=self.spec.server_identity is None)

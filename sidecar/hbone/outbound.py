@@ -20,12 +20,12 @@ import time
 from h2.errors import ErrorCodes
 from prometheus_client import Gauge
 
-from ..config import Address, Limits, Outbound, is_ip
+from ..config import Address, Limits, Outbound
 from ..identity import PeerIdentity
 from ..legs import Leg, LegOwner, TLSLeg
 from ..listeners import Listener
 from ..metrics import ListenerMetrics
-from ..policies import refusal
+from ..policies import refusal, server_hostname
 from ..record import Direction
 from ..relay import Side
 from ..sessions import SessionCache
@@ -137,7 +137,7 @@ class TunnelPolicy:
             PoolSettings(max_streams=tunnel.max_streams, idle_timeout=tunnel.idle_timeout), clock=time.monotonic
         )
         self.checkout = Checkout(self.pool, close=lambda t: t.close())
-        self._server_hostname = spec.sni or (None if is_ip(spec.upstream.host) else spec.upstream.host)
+        self._server_hostname = server_hostname(spec)
         patterns = spec.server_identity
         self.key = PoolKey(str(spec.upstream), spec.sni, tuple(p.text for p in patterns) if patterns else None)
         self.authority = format_authority(spec.upstream.host, tunnel.target_port)
