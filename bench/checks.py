@@ -4,7 +4,8 @@ Through the pair: an HTTP request gets ``200``. Against its server side directly
 certificate, a certificate from another CA, and a TLS 1.2-only client are each refused (no HTTP
 answer comes back). A misconfigured peer (verification off, TLS 1.2 allowed) therefore fails here
 and is not measured, instead of looking fast. The middle hop's protocol and suite are then read
-from the server side's own log of the checking request.
+from the server side's own log of the checking request. An HBONE pair's server side is probed as
+an HBONE peer would: ALPN h2, then the request inside a CONNECT stream to the HTTP backend.
 """
 
 from __future__ import annotations
@@ -58,15 +59,21 @@ def _context(certs: Certs, leaf: Leaf | None, *, tls12: bool = False) -> ssl.SSL
     return ctx
 
 
-def refused(port: int, ctx: ssl.SSLContext) -> tuple[bool, str]:
-    """(True, how) when the server refuses: handshake error, or the request gets no HTTP answer."""
+def refused(port: int, ctx: ssl.SSLContext, tunnel_target: int | None = None) -> tuple[bool, str]:
+    """(True, how) when the server refuses: handshake error, or the request gets no HTTP answer.
+    ``tunnel_target``: the server side speaks HBONE; the request goes in a CONNECT stream there."""
+    if tunnel_target is not None:
+        ctx.set_alpn_protocols(["h2"])
     try:
         with (
             socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw,
             ctx.wrap_socket(raw, server_hostname="localhost") as s,
         ):
-            s.sendall(REQUEST)
-            line = _status_line(s)
+            if tunnel_target is None:
+                s.sendall(REQUEST)
+                line = _status_line(s)
+            else:
+                line = _through_tunnel(s, tunnel_target)
     except ssl.SSLError as exc:
         if "NO_PROTOCOLS_AVAILABLE" in str(exc) or "NO_CIPHERS_AVAILABLE" in str(exc):
             raise CheckFailed(f"the check's own TLS client could not offer anything: {exc}") from None
@@ -76,6 +83,36 @@ def refused(port: int, ctx: ssl.SSLContext) -> tuple[bool, str]:
     if line.startswith(b"HTTP/"):
         return False, f"answered {line.decode(errors='replace')!r}"
     return True, "closed without an answer"
+
+
+def _through_tunnel(s: ssl.SSLSocket, target: int) -> bytes:
+    """CONNECT 127.0.0.1:``target`` over HTTP/2, send ``REQUEST`` in it, return the answer's status
+    line (b"" when the stream or the connection is refused or closed)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    conn.send_headers(1, [(b":method", b"CONNECT"), (b":authority", f"127.0.0.1:{target}".encode())])
+    s.sendall(conn.data_to_send())
+    body, opened = b"", False
+    while b"\r\n" not in body:
+        data = s.recv(65536)
+        if not data:
+            return b""
+        for event in conn.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                if dict(event.headers).get(b":status") != b"200":
+                    return b""
+                opened = True
+                conn.send_data(1, REQUEST)
+            elif isinstance(event, h2.events.DataReceived):
+                body += event.data
+            elif isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                return b""
+        s.sendall(conn.data_to_send())
+    return body.split(b"\r\n", 1)[0] if opened else b""
 
 
 def check(run: Running, certs: Certs, *, request: bytes = REQUEST, expect: bytes = b"HTTP/1.1 200") -> dict[str, Any]:
@@ -100,12 +137,12 @@ def check(run: Running, certs: Certs, *, request: bytes = REQUEST, expect: bytes
         "tls12": _context(certs, certs.client, tls12=True),
     }
     for name, ctx in probes.items():
-        ok, how = refused(run.tls_port, ctx)
+        ok, how = refused(run.tls_port, ctx, run.tunnel_target)
         if not ok:
             raise CheckFailed(f"{run.pair}'s server side accepted a {name.replace('_', ' ')} client: {how}")
         seen[f"refused_{name}"] = how
     # A control: the same probe with the right certificate gets through (so the refusals mean something).
-    ok, how = refused(run.tls_port, _context(certs, certs.client))
+    ok, how = refused(run.tls_port, _context(certs, certs.client), run.tunnel_target)
     if ok:
         raise CheckFailed(f"{run.pair}'s server side refused a valid client certificate: {how}")
     return seen

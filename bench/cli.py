@@ -22,7 +22,7 @@ from .runner import WORKLOADS, Bench, Settings, require_tools
 from .transparent import SidecarTransparent
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_PAIRS = ("direct", "sidecar", "stunnel", "haproxy", "nginx")
+ALL_PAIRS = ("direct", "sidecar", "sidecar-hbone", "stunnel", "haproxy", "nginx")
 OPT_IN = ("sidecar-transparent",)  # named in --pairs only: it needs a network namespace of its own
 PAIRS[SidecarTransparent.name] = SidecarTransparent()
 

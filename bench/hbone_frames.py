@@ -21,11 +21,9 @@ from pathlib import Path
 from sidecar import pki
 from sidecar.hbone import HboneClient, HboneServer, TunnelSettings
 from sidecar.hbone.events import DialRequested, StreamData
-from sidecar.identity import PeerIdentity, parse_pattern
 
 MiB = 1024 * 1024
 CHUNK = 256 * 1024  # what one read of the app's socket hands the sidecar
-PORTS = {8080: (parse_pattern("*"),)}
 
 
 class Pipe:
@@ -77,7 +75,7 @@ def tls_pipes(folder: Path) -> tuple[Pipe, Pipe]:
 
 def joined(settings: TunnelSettings, up: Pipe, down: Pipe) -> tuple[HboneClient, HboneServer, Callable[[], None]]:
     client = HboneClient(now=0.0, settings=settings)
-    server = HboneServer(peer=PeerIdentity(), ports=PORTS, now=0.0, settings=settings)
+    server = HboneServer(now=0.0, settings=settings)
 
     def pump() -> None:
         while True:

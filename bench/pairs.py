@@ -86,6 +86,8 @@ class Running:
     def url_host(self) -> str:
         return f"[{self.host}]" if ":" in self.host else self.host
 
+    tunnel_target: int | None = None  # HBONE: the server side's TLS port takes CONNECT streams to this port
+
     def pids(self) -> list[int]:
         return [pid for proc in self.procs for pid in proc.pids()]
 
@@ -166,9 +168,33 @@ class Sidecar(Pair):
             "ca": str(ctx.certs.ca),
             "session_resumption": resume,
         }
-        limits = {"max_connections": 20000 * ctx.workers, "idle_timeout": IDLE_TIMEOUT, "drain_timeout": "1s"}
-        server_cfg = {
-            "tls": tls_server,
+        common = {
+            "limits": {"max_connections": 20000 * ctx.workers, "idle_timeout": IDLE_TIMEOUT, "drain_timeout": "1s"},
+            "log": {"level": "info", "format": "json"},
+            "workers": ctx.workers,
+        }
+        server_cfg = {"tls": tls_server, **self._server_listeners(ctx), **common}
+        server = self._run(ctx, d / "server.yaml", server_cfg, f"{self.name}-server")
+        server_ports = _ready_ports(server)
+        client_cfg = {"tls": tls_client, "outbound": self._outbound(ctx, server_ports), **common}
+        client = self._run(ctx, d / "client.yaml", client_cfg, f"{self.name}-client")
+        client_ports = _ready_ports(client)
+        return Running(
+            self.name,
+            resume,
+            client_ports["http"],
+            client_ports["bulk"],
+            server_ports[self._tls_listener],
+            [client, server],
+            server,
+            parse_sidecar,
+            tunnel_target=self._tunnel_target(ctx),
+        )
+
+    _tls_listener = "http"  # the server side's listener the checks probe
+
+    def _server_listeners(self, ctx: Ctx) -> dict[str, Any]:
+        return {
             "inbound": [
                 {
                     "name": route,
@@ -178,40 +204,22 @@ class Sidecar(Pair):
                     **(self.forwarding if route == "http" else {}),
                 }
                 for route in ROUTES
-            ],
-            "limits": limits,
-            "log": {"level": "info", "format": "json"},
-            "workers": ctx.workers,
+            ]
         }
-        server = self._run(ctx, d / "server.yaml", server_cfg, f"{self.name}-server")
-        server_ports = _ready_ports(server)
-        client_cfg = {
-            "tls": tls_client,
-            "outbound": [
-                {
-                    "name": route,
-                    "listen": "127.0.0.1:0",
-                    "upstream": f"127.0.0.1:{server_ports[route]}",
-                    "server_identity": [certs_mod.SERVER_ID],
-                }
-                for route in ROUTES
-            ],
-            "limits": limits,
-            "log": {"level": "info", "format": "json"},
-            "workers": ctx.workers,
-        }
-        client = self._run(ctx, d / "client.yaml", client_cfg, f"{self.name}-client")
-        client_ports = _ready_ports(client)
-        return Running(
-            self.name,
-            resume,
-            client_ports["http"],
-            client_ports["bulk"],
-            server_ports["http"],
-            [client, server],
-            server,
-            parse_sidecar,
-        )
+
+    def _outbound(self, ctx: Ctx, server_ports: dict[str, int]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": route,
+                "listen": "127.0.0.1:0",
+                "upstream": f"127.0.0.1:{server_ports[route]}",
+                "server_identity": [certs_mod.SERVER_ID],
+            }
+            for route in ROUTES
+        ]
+
+    def _tunnel_target(self, ctx: Ctx) -> int | None:
+        return None
 
     def _run(self, ctx: Ctx, path: Path, cfg: dict[str, Any], name: str) -> Proc:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -222,6 +230,27 @@ class Sidecar(Pair):
 
     def env(self, ctx: Ctx) -> dict[str, str]:
         return ctx.env
+
+
+class SidecarHbone(Sidecar):
+    """Our sidecar pair with every connection carried as an HTTP/2 CONNECT stream over one pooled
+    mTLS connection per route (``tunnel: {protocol: hbone}`` into an ``hbone`` listener)."""
+
+    name = "sidecar-hbone"
+    _tls_listener = "hbone"
+
+    def _server_listeners(self, ctx: Ctx) -> dict[str, Any]:
+        ports = [{"port": ctx.backend(route), "allow": [certs_mod.CLIENT_ID]} for route in ROUTES]
+        return {"hbone": {"listen": "127.0.0.1:0", "ports": ports}}
+
+    def _outbound(self, ctx: Ctx, server_ports: dict[str, int]) -> list[dict[str, Any]]:
+        routes = super()._outbound(ctx, {route: server_ports["hbone"] for route in ROUTES})
+        for route in routes:
+            route["tunnel"] = {"protocol": "hbone", "target_port": ctx.backend(route["name"])}
+        return routes
+
+    def _tunnel_target(self, ctx: Ctx) -> int | None:
+        return ctx.backend("http")
 
 
 class Baseline(Sidecar):
@@ -605,6 +634,7 @@ def parse_stunnel(text: str) -> list[Handshake]:
 
 
 PAIRS: dict[str, Pair] = {
-    p.name: p for p in (Direct(), Sidecar(), SidecarXfcc(), SidecarProxy(), Stunnel(), HAProxy(), Nginx())
+    p.name: p
+    for p in (Direct(), Sidecar(), SidecarHbone(), SidecarXfcc(), SidecarProxy(), Stunnel(), HAProxy(), Nginx())
 }
 PEERS = ("stunnel", "haproxy", "nginx")

@@ -110,12 +110,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if settings.load == "tools":
         require_tools(found)
     py_spy = find_py_spy()
+    pair = settings.pairs[0] if args.pairs else "sidecar"
+    if pair not in ("sidecar", "sidecar-hbone"):
+        raise BenchError(f"--profile profiles one of our pairs: sidecar or sidecar-hbone, not {pair}")
     out = args.out or Path(__file__).resolve().parent / "results"
     profiles: list[Profile] = []
     with Procs(keep_tmp=args.keep_tmp) as procs:
         bench = Bench(settings, procs, found)
         ctx = bench.setup()
-        running = PAIRS["sidecar"].start(ctx, resume=settings.resume)
+        running = PAIRS[pair].start(ctx, resume=settings.resume)
         checks.check(running, ctx.certs)
         sides = dict(zip(SIDES, running.procs, strict=True))  # Running.procs is (client, server)
         for workload in WORKLOADS:
@@ -137,13 +140,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 procs.stop(spy)
             shown = ", ".join(f"{k}={v:,.3g}" for k, v in values.items())
             print(f"bench: profiled {workload}: {shown}", file=sys.stderr, flush=True)
-        written = write(profiles, out, f"{date.today().isoformat()}-profile", procs.tmp / "profile", settings)
+        suffix = "" if pair == "sidecar" else f"-{pair}"
+        stem = f"{date.today().isoformat()}-profile{suffix}"
+        written = write(profiles, out, stem, procs.tmp / "profile", settings, pair)
     for path in written:
         print(f"bench: wrote {path}", file=sys.stderr)
     return 0
 
 
-def write(profiles: list[Profile], out: Path, stem: str, raw_dir: Path, settings: Settings) -> list[Path]:
+def write(
+    profiles: list[Profile], out: Path, stem: str, raw_dir: Path, settings: Settings, pair: str = "sidecar"
+) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     stacks = out / stem
     stacks.mkdir(exist_ok=True)
@@ -151,13 +158,13 @@ def write(profiles: list[Profile], out: Path, stem: str, raw_dir: Path, settings
     for raw in sorted(raw_dir.glob("*.txt")):
         written.append(shutil.copy(raw, stacks / raw.name))
     md = out / f"{stem}.md"
-    md.write_text(markdown(profiles, settings))
+    md.write_text(markdown(profiles, settings, pair))
     return [md, *map(Path, written)]
 
 
-def markdown(profiles: list[Profile], settings: Settings) -> str:
+def markdown(profiles: list[Profile], settings: Settings, pair: str = "sidecar") -> str:
     lines = [
-        f"# Where the sidecar pair's CPU goes ({date.today().isoformat()})",
+        f"# Where the `{pair}` pair's CPU goes ({date.today().isoformat()})",
         "",
         f"`python -m bench --profile`: py-spy at {RATE} Hz (`--nonblocking`) on the client-side and the",
         f"server-side sidecar ({settings.workers} worker(s) each), {settings.duration:g} s per workload, load from",

@@ -216,8 +216,9 @@ def summary_table(results: dict[str, Any]) -> list[str]:
         if vals:
             rows.append([f"*sidecar ÷ {label}*"] + [_ratio(results, "sidecar", k, vals) for k in SUMMARY])
     summary = results["summary"]
-    # --baseline REV: the change against its base; sidecar-transparent: what capture costs. Same run.
-    for pair, base in (("sidecar", "baseline"), ("sidecar-transparent", "sidecar")):
+    # --baseline REV: the change against its base; sidecar-transparent: what capture costs; HBONE
+    # tunnels against our own direct mTLS. Same run.
+    for pair, base in (("sidecar", "baseline"), ("sidecar-transparent", "sidecar"), ("sidecar-hbone", "sidecar")):
         if not (summary.get(pair) and summary.get(base)):
             continue
         ab = {
@@ -532,7 +533,14 @@ CHART_LABELS = {
     "ka_cpu": "CPU per\nrequest",
     "nc_cpu": "CPU per\nhandshake",
 }
-_COLORS = {"sidecar": "#d62728", "stunnel": "#7f7f7f", "haproxy": "#1f77b4", "nginx": "#2ca02c"}
+_COLORS = {
+    "sidecar": "#d62728",
+    "sidecar-hbone": "#ff7f0e",
+    "baseline": "#9467bd",
+    "stunnel": "#7f7f7f",
+    "haproxy": "#1f77b4",
+    "nginx": "#2ca02c",
+}
 
 
 # -- assembling and writing ----------------------------------------------------------------------

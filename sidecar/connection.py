@@ -8,6 +8,9 @@ aborted at once, since uvloop can hand it its transport before ``create_connecti
 A policy with ``forwarding`` (``proxy_protocol``, ``client_cert_header``) has what the app is told
 of its caller made before the dial (a refusal if it cannot be: nothing is dialled); its preamble
 goes to the app first, and with a rewriter the app's leg is a ``RewritingLeg``.
+A policy with a ``stream_side`` makes that leg a stream of a tunnel through its ``streams``
+(``StreamSource``): the leg comes from there, and on the ``UP`` side it is opened there too
+instead of a TCP dial.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Protocol
 from .config import Address, Limits
 from .errors import HTTPRefusal, PeerError, Refusal
 from .forwarding import Forwarding, Introduction, describe, outcome_of
-from .legs import Leg, TLSLeg, peer_address
+from .legs import Leg, LegOwner, TLSLeg
 from .metrics import ListenerMetrics
 from .record import Outcome, Record
 from .relay import (
@@ -42,10 +45,21 @@ from .sessions import SessionCache
 from .tlsio import TLSEngine
 
 
+class StreamSource(Protocol):
+    """Where a policy's stream leg comes from (an HBONE tunnel)."""
+
+    def leg(self, owner: LegOwner, side: Side) -> Leg: ...
+
+    async def open(self, leg: Leg, target: Address, client: str) -> None:
+        """Open the ``UP`` stream ``leg`` toward ``target`` for ``client`` (the app's address);
+        returns once the leg is connected; raises ``OSError`` naming why it could not be."""
+
+
 class ConnectionPolicy(Policy, Protocol):
     """A relay policy as the driver needs it: it also makes the engine of its TLS leg, keeps the
     sessions its TLS client leg may resume (None: it keeps none), says whether the peer's identity
-    must carry its key pin, and what the app is told of its caller (None: nothing)."""
+    must carry its key pin, what the app is told of its caller (None: nothing), and gives its
+    stream leg, if any (``streams``, with ``stream_side`` set)."""
 
     @property
     def sessions(self) -> SessionCache | None: ...
@@ -55,6 +69,9 @@ class ConnectionPolicy(Policy, Protocol):
 
     @property
     def forwarding(self) -> Forwarding | None: ...
+
+    @property
+    def streams(self) -> StreamSource | None: ...
 
     def tls_engine(self) -> TLSEngine: ...
 
@@ -110,6 +127,10 @@ class Connection:
     def bytes_to_downstream(self) -> int:
         return self.up.received if self.up is not None else 0
 
+    @property
+    def outcome(self) -> Outcome | None:
+        return self.relay.outcome
+
     def cut(self, reason: str) -> None:
         """End now, aborting both legs (the drain's deadline)."""
         self._run(self.relay.cut(reason))
@@ -127,9 +148,9 @@ class Connection:
     def leg_connected(self, leg: Leg) -> None:
         now = self.loop.time()
         if leg is self.down:
-            self._run(self.relay.started(peer_address(leg.transport), now))
+            self._run(self.relay.started(leg.far_address(), now, leg.verified))
         else:
-            self._run(self.relay.dialled(now))
+            self._run(self.relay.dialled(now, leg.verified))
 
     def leg_secured(self, leg: TLSLeg) -> None:
         self._run(self.relay.secured(leg.tls.negotiated(pin=self.policy.needs_spki), self.loop.time(), time.time()))
@@ -143,7 +164,8 @@ class Connection:
         self._run(self.relay.eof(leg.side))
 
     def leg_lost(self, leg: Leg, exc: Exception | None) -> None:
-        self._run(self.relay.lost(leg.side, None if exc is None else type(exc).__name__))
+        error = None if exc is None else type(exc).__name__
+        self._run(self.relay.lost(leg.side, error, reset=isinstance(exc, ConnectionResetError)))
         self._maybe_ended()
 
     def leg_refused(self, leg: Leg, refusal: HTTPRefusal, *, close: bool) -> None:
@@ -164,7 +186,7 @@ class Connection:
                 if leg is not None:
                     leg.send_eof()
             elif isinstance(action, Close):
-                self._close(action.abort)
+                self._close(action.abort, action.reset)
             elif isinstance(action, Handshook):
                 self.listener.metrics.handshook(action.seconds, action.failure)
             elif isinstance(action, Finish):
@@ -210,7 +232,11 @@ class Connection:
         started = self.loop.time()
         try:
             async with asyncio.timeout(self.listener.limits.connect_timeout):  # no extra task, unlike wait_for
-                await self.loop.create_connection(lambda: leg, target.host, target.port)
+                streams = self.policy.streams
+                if streams is not None and leg.side is self.policy.stream_side:
+                    await streams.open(leg, target, self.relay.client)
+                else:
+                    await self.loop.create_connection(lambda: leg, target.host, target.port)
         except TimeoutError:
             self._dial_failed(f"connect to {target} timed out")
             return
@@ -242,12 +268,12 @@ class Connection:
         self._run(self.relay.dial_failed(reason))
         self._maybe_ended()
 
-    def _close(self, abort: frozenset[Side]) -> None:
+    def _close(self, abort: frozenset[Side], reset: bool) -> None:
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
         up = self.up
-        if self._dial_task is not None and (up is None or up.transport is None):
+        if self._dial_task is not None and (up is None or not up.connected):
             # uvloop can hand the leg its transport (and the handshake can even finish) before
             # create_connection returns; cancelling it then closes that transport without ever
             # calling connection_lost. A connected leg is closed like any other; only a dial still
@@ -257,7 +283,7 @@ class Connection:
         for leg in (self.down, up):
             if leg is not None:
                 if leg.side in abort:
-                    leg.abort()
+                    leg.abort(reset)
                 else:
                     leg.close()
         self._maybe_ended()
@@ -265,12 +291,15 @@ class Connection:
     def _maybe_ended(self) -> None:
         if self.relay.state is not State.CLOSING:
             return
-        if all(leg.lost or leg.transport is None for leg in (self.down, self.up) if leg is not None):
+        if all(leg.lost or not leg.connected for leg in (self.down, self.up) if leg is not None):
             self._run(self.relay.ended(self.bytes_to_upstream, self.bytes_to_downstream, self.loop.time()))
 
     # -- internals --------------------------------------------------------------------------------
 
     def _leg(self, side: Side) -> Leg:
+        streams = self.policy.streams
+        if streams is not None and self.policy.stream_side is side:
+            return streams.leg(self, side)
         if self.policy.tls_side is side:
             return TLSLeg(self, side, self.policy.tls_engine(), client=side is Side.UP)
         intro = self.introduction

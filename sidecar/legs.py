@@ -13,6 +13,11 @@ what one read brought and stops reading.
 - Closing gracefully flushes, ends our sending and lingers, reading and dropping, until the far
   end has finished too (``LINGER_SECONDS`` at most): closing a socket with unread bytes makes the
   kernel answer with a reset, which can destroy a response the far end has not read yet.
+- Aborting drops what is buffered; ``abort(reset=True)`` makes it a TCP reset (SO_LINGER 0),
+  to pass on a reset of the other leg.
+
+A leg may also be a stream of a tunnel (``sidecar.hbone.streamleg.StreamLeg``): the same
+interface toward the driver and the other leg, over an HTTP/2 stream instead of a socket.
 
 Legs report lifecycle events to their ``LegOwner`` (the connection driver) and know no policy.
 """
@@ -20,11 +25,14 @@ Legs report lifecycle events to their ``LegOwner`` (the connection driver) and k
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from typing import Any, Protocol, cast
 
 from .errors import PeerError, TLSFailure
+from .record import Outcome
 from .relay import Side
-from .tlsio import TLSEngine
+from .tlsio import Negotiated, TLSEngine
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
@@ -35,6 +43,9 @@ class LegOwner(Protocol):
     """What a leg reports to; each call is a lifecycle event, never a data chunk."""
 
     loop: asyncio.AbstractEventLoop
+
+    @property
+    def outcome(self) -> Outcome | None: ...  # how the connection ends, once that is decided
 
     def leg_connected(self, leg: Leg) -> None: ...
 
@@ -77,7 +88,7 @@ class Leg(asyncio.Protocol):
         self.write_eof = False  # we finished sending on this leg
         self.received = 0  # plaintext bytes read from this leg and handed on to the other
         self.lost = False  # the transport is gone
-        self._held: list[bytes] | None = None  # read before streaming
+        self._held: list[Bytes] | None = None  # read before streaming
         self._other_full = False
         self._reading_paused = False
         self._lingering = False
@@ -124,7 +135,21 @@ class Leg(asyncio.Protocol):
 
     # -- called by the driver and the other leg ---------------------------------------------------
 
-    def send(self, data: bytes) -> None:
+    @property
+    def connected(self) -> bool:
+        """Whether the leg has come up (its transport was made)."""
+        return self.transport is not None
+
+    @property
+    def verified(self) -> Negotiated | None:
+        """The peer behind this leg, when it was verified before the leg existed (a tunnel's)."""
+        return None
+
+    def far_address(self) -> str:
+        """``ip:port`` of the far end, or ``-``."""
+        return peer_address(self.transport)
+
+    def send(self, data: Bytes) -> None:
         """Write plaintext toward this leg's far end."""
         transport = self.transport
         if transport is not None and not self.lost and not self.write_eof:
@@ -169,17 +194,24 @@ class Leg(asyncio.Protocol):
         transport.resume_reading()
         self._linger_timer = self.owner.loop.call_later(LINGER_SECONDS, transport.close)
 
-    def abort(self) -> None:
-        """Close at once: what is still buffered is dropped; no close_notify, no linger."""
-        if self.transport is not None:
-            self.transport.abort()
+    def abort(self, reset: bool = False) -> None:
+        """Close at once: what is still buffered is dropped; no close_notify, no linger.
+        ``reset``: the far end gets a TCP RST (SO_LINGER 0), not a FIN."""
+        transport = self.transport
+        if transport is None:
+            return
+        if reset and not self.lost:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        transport.abort()
 
     # -- internals ------------------------------------------------------------------------------
 
     def _before_fin(self) -> None:
         """What must precede our FIN on this leg (a TLS leg's close_notify)."""
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, data: Bytes) -> None:
         other = self.other
         if other is not None:
             self.received += len(data)
@@ -261,7 +293,7 @@ class TLSLeg(Leg):
             return False
         return super().eof_received()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Bytes) -> None:
         transport = self.transport
         if transport is None or self.lost or self.write_eof:
             return
@@ -293,6 +325,11 @@ class TLSLeg(Leg):
         tls, transport = self.tls, self.transport
         if tls.has_output and transport is not None and not self.lost:
             transport.write(tls.output())
+
+
+Bytes = bytes | bytearray | memoryview  # what legs read and write: received bytes, or views of them
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff = 1, l_linger = 0}: close sends RST
 
 
 def peer_address(transport: asyncio.BaseTransport | None) -> str:

@@ -3,10 +3,12 @@ connections are open on each listener.
 
 A ``Listener`` hands every accepted connection to a ``Connection`` (the driver) with the
 listener's policy, and hears back once, when it has ended, with its ``Record``: it counts it and
-writes the access record. A listener that chooses a policy per connection (transparent mode's,
-``sidecar/transparent.py``) is a ``BaseListener`` with its own ``accepted``. With ``workers: N``
-the supervisor binds each listener N times with SO_REUSEPORT (``bind_shares``) and its workers
-serve those sockets (``start(sockets)``).
+writes the access record. ``BaseListener`` is the part every listener shares (the sockets, the
+connections open, their records, the limit); a subclass says what an accepted connection becomes
+(``accepted``): transparent mode's choose a policy per connection (``sidecar/transparent.py``), the
+HBONE listener's become tunnels whose streams are its connections (``sidecar/hbone/inbound.py``).
+With ``workers: N`` the supervisor binds each listener N times with SO_REUSEPORT (``bind_shares``)
+and its workers serve those sockets (``start(sockets)``).
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class BaseListener:
 
     def _accept(self) -> asyncio.Protocol:
         if len(self.active) + self.choosing >= self.limits.max_connections:
-            return _Refuse(self)
+            return Refuse(self)
         return self.accepted()
 
 
@@ -137,7 +139,7 @@ class Listener(BaseListener):
         return self.open(self.policy).down
 
 
-class _Refuse(asyncio.Protocol):
+class Refuse(asyncio.Protocol):
     """Over ``max_connections``: close at once, count, log."""
 
     def __init__(self, listener: BaseListener) -> None:

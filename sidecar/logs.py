@@ -69,6 +69,9 @@ def setup(level: str = "info", fmt: str = "json", *, worker: int | None = None) 
     # watcher logs the changes that matter. Left at info, a log file written into the folder of a
     # watched file (the CA bundle's, say) fed itself: each line was a change, each change a line.
     logging.getLogger("watchfiles").setLevel(logging.WARNING)
+    # HTTP/2 and HPACK trace every frame and header at debug: a flood, with header values in it
+    for library in ("h2", "hpack"):
+        logging.getLogger(library).setLevel(logging.WARNING)
 
 
 def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:

@@ -75,6 +75,13 @@ class DataMetrics:
             buckets=HANDSHAKE_BUCKETS,
             registry=r,
         )
+        self.hbone_pool_connections = Gauge(
+            "sidecar_hbone_pool_connections",
+            "Pooled HBONE tunnels open now on an outbound listener with tunnel: hbone (retiring ones included).",
+            ["listener"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.connection_duration_seconds = Histogram(
             "sidecar_connection_duration_seconds",
             "Lifetime of connections, from accept to close.",

@@ -23,7 +23,7 @@ from .tls import TLSStore
 from .tlsio import TLSEngine
 
 
-def _refusal(peer: PeerIdentity, patterns: Sequence[Pattern], where: str) -> str | None:
+def refusal(peer: PeerIdentity, patterns: Sequence[Pattern], where: str) -> str | None:
     """Why ``patterns`` (the listener's ``where`` list) refuse ``peer``: the verdict first
     (``not_allowed`` or ``invalid_spiffe_id``), then the peer and the list it is not in."""
     verdict = decide(peer, patterns)
@@ -35,11 +35,19 @@ def _refusal(peer: PeerIdentity, patterns: Sequence[Pattern], where: str) -> str
     return f"{verdict}: identity {peer.describe()} is not in {where} [{listed}]"
 
 
+def server_hostname(spec: Outbound) -> str | None:
+    """The SNI an outbound listener sends (and verifies without ``server_identity``): ``sni``, or
+    the upstream's host unless it is an IP address."""
+    return spec.sni or (None if is_ip(spec.upstream.host) else spec.upstream.host)
+
+
 class InboundPolicy:
     """mTLS in from a peer, plaintext out to ``forward``."""
 
     direction = Direction.INBOUND
     tls_side = Side.DOWN
+    stream_side = None
+    streams = None
     sessions = None  # we are the server: tickets are issued by OpenSSL
 
     def __init__(self, spec: Inbound, store: TLSStore) -> None:
@@ -58,7 +66,7 @@ class InboundPolicy:
         return self.spec.forward
 
     def authorize(self, peer: PeerIdentity) -> str | None:
-        return _refusal(peer, self.spec.allow, "allow")
+        return refusal(peer, self.spec.allow, "allow")
 
 
 class OutboundPolicy:
@@ -67,6 +75,8 @@ class OutboundPolicy:
     direction = Direction.OUTBOUND
     tls_side = Side.UP
     forwarding = None
+    stream_side = None
+    streams = None
 
     def __init__(self, spec: Outbound, store: TLSStore) -> None:
         self.spec = spec
@@ -74,7 +84,7 @@ class OutboundPolicy:
         self.store = store
         self.sessions = SessionCache(store.tls.session_lifetime if store.tls.session_resumption else 0.0)
         self.needs_spki = needs_spki(spec.server_identity or ())
-        self._server_hostname = spec.sni or (None if is_ip(spec.upstream.host) else spec.upstream.host)
+        self._server_hostname = server_hostname(spec)
 
     def tls_engine(self) -> TLSEngine:
         material = self.store.material
@@ -91,4 +101,4 @@ class OutboundPolicy:
         patterns = self.spec.server_identity
         if patterns is None:
             return None  # OpenSSL verified the host name during the handshake
-        return _refusal(peer, patterns, "server_identity")
+        return refusal(peer, patterns, "server_identity")

@@ -2,9 +2,11 @@
 
 Theory of operation. A proxied connection joins two legs: ``DOWN``, the side that connected to
 us, and ``UP``, the target we dial. Its ``Policy`` says which leg, if any, speaks TLS with us, and
-that fixes the order of its phases: TLS on the ``DOWN`` leg (inbound: we terminate) handshakes,
-authorizes the peer, then dials; TLS on the ``UP`` leg (outbound: we originate) dials, then
-handshakes and authorizes; no TLS (plain passthrough) only dials. Then bytes stream both ways; when
+that fixes the order of its phases (``PLANS``): TLS on the ``DOWN`` leg (inbound: we terminate)
+handshakes, authorizes the peer, then dials; TLS on the ``UP`` leg (outbound: we originate) dials,
+then handshakes and authorizes; no TLS (plain passthrough) only dials. A leg can also be a stream
+of a tunnel whose peer was verified when the tunnel was made (HBONE): a ``DOWN`` stream authorizes
+that peer first, then dials; an ``UP`` stream only dials. Then bytes stream both ways; when
 one direction ends (FIN or close_notify) the connection is half-closed and the other direction
 keeps flowing; when both have ended, or anything fails, it closes; when both legs are gone, it is
 closed and its ``Record`` is made.
@@ -41,6 +43,7 @@ class Side(StrEnum):
 class State(StrEnum):
     ACCEPTED = "accepted"  # the DOWN leg is up; nothing decided yet
     HANDSHAKING = "handshaking"  # the TLS leg is handshaking (the peer is then authorized)
+    AUTHORIZING = "authorizing"  # a peer verified before this connection began is checked (passing)
     DIALING = "dialing"  # connecting the UP leg to the target
     STREAMING = "streaming"  # bytes flow both ways
     HALF_CLOSED = "half_closed"  # one direction has ended, the other still flows
@@ -50,8 +53,8 @@ class State(StrEnum):
 
 class Event(StrEnum):
     STARTED = "started"  # the DOWN leg's transport is up
-    SECURED = "secured"  # the handshake completed and the peer is allowed
-    DENIED = "denied"  # the handshake completed and the peer is not allowed
+    SECURED = "secured"  # the peer is verified (handshake completed, or known at start) and allowed
+    DENIED = "denied"  # the peer is verified and not allowed
     DIALLED = "dialled"  # the UP leg's transport is up
     DIAL_FAILED = "dial_failed"
     FAILED = "failed"  # TLS (or the socket, during a handshake) failed on a leg
@@ -82,6 +85,7 @@ TRANSITIONS: dict[State, dict[Event, State | None]] = {
         Event.TIMED_OUT: State.CLOSING,
         **_CLOSE,
     },
+    State.AUTHORIZING: {Event.SECURED: NEXT_PHASE, Event.DENIED: State.CLOSING, **_CLOSE},
     State.DIALING: {
         Event.DIALLED: NEXT_PHASE,
         Event.DIAL_FAILED: State.CLOSING,
@@ -108,6 +112,17 @@ TRANSITIONS: dict[State, dict[Event, State | None]] = {
         Event.ENDED: State.CLOSED,
     },
     State.CLOSED: {Event.LOST: State.CLOSED, Event.DIALLED: State.CLOSED, Event.DIAL_FAILED: State.CLOSED},
+}
+
+
+# Which leg speaks TLS with us and which is a tunnel's stream fix the phases before STREAMING.
+PLANS: dict[tuple[Side | None, Side | None], tuple[State, ...]] = {
+    # (tls_side, stream_side)
+    (Side.DOWN, None): (State.HANDSHAKING, State.DIALING),  # inbound: we terminate TLS
+    (Side.UP, None): (State.DIALING, State.HANDSHAKING),  # outbound: we originate TLS
+    (None, None): (State.DIALING,),  # plain passthrough
+    (None, Side.DOWN): (State.AUTHORIZING, State.DIALING),  # a tunnel's stream in: its peer is known at start
+    (None, Side.UP): (State.DIALING,),  # a stream out on a tunnel whose upstream was verified when made
 }
 
 
@@ -144,9 +159,12 @@ class SendEOF:
 @dataclass(frozen=True, slots=True)
 class Close:
     """Close every leg: abort those in ``abort`` (at once, dropping what is buffered), the others
-    gracefully (flush, end of data, linger). Timers and a dial still connecting are cancelled."""
+    gracefully (flush, end of data, linger). Timers and a dial still connecting are cancelled.
+    ``reset``: the aborted legs end with a reset their far end sees (a TCP RST, an RST_STREAM),
+    passing on the reset that ended the other leg."""
 
     abort: frozenset[Side] = frozenset()
+    reset: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +197,9 @@ class Policy(Protocol):
 
     @property
     def tls_side(self) -> Side | None: ...  # DOWN: we terminate TLS; UP: we originate; None: plain
+
+    @property
+    def stream_side(self) -> Side | None: ...  # the leg that is a stream of a verified tunnel, if any
 
     def target(self) -> Address: ...  # where to dial
 
@@ -213,9 +234,7 @@ class Relay:
         self.handshake_timeout = handshake_timeout
         self.idle_timeout = idle_timeout  # 0: no idle timeout
         self.state = State.ACCEPTED
-        tls = policy.tls_side
-        phases = {Side.DOWN: (State.HANDSHAKING, State.DIALING), Side.UP: (State.DIALING, State.HANDSHAKING)}
-        self._phases: tuple[State, ...] = phases[tls] if tls is not None else (State.DIALING,)
+        self._phases = PLANS[policy.tls_side, policy.stream_side]
         self.started_at = now
         self.client = "-"
         self.outcome: Outcome | None = None
@@ -239,8 +258,12 @@ class Relay:
 
     # -- events ---------------------------------------------------------------------------------
 
-    def started(self, client: str, now: float) -> list[Action]:
+    def started(self, client: str, now: float, peer: Negotiated | None = None) -> list[Action]:
+        """The ``DOWN`` leg is up; ``peer``: its verified peer, when that was settled before this
+        connection began (a stream of a tunnel)."""
         self.client = client
+        if peer is not None:
+            self.negotiated = peer
         return self._go(Event.STARTED, now)
 
     def secured(self, negotiated: Negotiated, now: float, wall_now: float) -> list[Action]:
@@ -260,15 +283,15 @@ class Relay:
         if negotiated.trust_problem is not None:
             # verified against the union of the trust bundles, but not by its own trust domain's
             return self._untrusted(handshook, "untrusted", negotiated.trust_problem, side)
-        refusal = self.policy.authorize(negotiated.peer)
-        if refusal is not None:
-            return actions + self._close(Event.DENIED, Outcome.DENIED, refusal, send_eof=side)
-        return actions + self._go(Event.SECURED, now)
+        return actions + self._authorize(now, send_eof=side)
 
-    def dialled(self, now: float) -> list[Action]:
+    def dialled(self, now: float, peer: Negotiated | None = None) -> list[Action]:
+        """The ``UP`` leg is up; ``peer``: the upstream a tunnel verified when it was made."""
         if not self.open:
             self._go(Event.DIALLED, now)
             return [Close(abort=frozenset({Side.UP}))]  # too late: that leg goes at once
+        if peer is not None:
+            self.negotiated = peer
         return self._go(Event.DIALLED, now)
 
     def dial_failed(self, reason: str) -> list[Action]:
@@ -297,12 +320,17 @@ class Relay:
             return self._close(Event.EOF, Outcome.OK, None)  # both directions are done
         return self._go(Event.EOF, 0.0)
 
-    def lost(self, side: Side, error: str | None) -> list[Action]:
-        """``side``'s transport is gone (``error``: the exception's name, if one closed it)."""
+    def lost(self, side: Side, error: str | None, *, reset: bool = False) -> list[Action]:
+        """``side``'s transport is gone (``error``: the exception's name, if one closed it;
+        ``reset``: it was reset, a TCP RST or an RST_STREAM). With a stream leg, a reset while
+        streaming is passed on as a reset of the other leg."""
         if not self.open:
             self._go(Event.LOST, 0.0)
             return []
         if self.streaming:
+            if reset and self.policy.stream_side is not None:
+                other = Side.UP if side is Side.DOWN else Side.DOWN
+                return self._close(Event.LOST, Outcome.OK, error, {other}, reset=True)
             return self._close(Event.LOST, Outcome.OK, error)
         tls = self.policy.tls_side
         if side is tls and self.state is State.HANDSHAKING:
@@ -402,6 +430,8 @@ class Relay:
 
     def _enter(self, state: State, now: float) -> list[Action]:
         self.state = state
+        if state is State.AUTHORIZING:
+            return self._authorize(now, send_eof=None)  # the stream leg answers a refusal itself
         if state is State.HANDSHAKING:
             self._handshake_started = now
             return [ArmTimer(Timer.HANDSHAKE, self.handshake_timeout)]
@@ -415,6 +445,15 @@ class Relay:
             actions.append(ArmTimer(Timer.IDLE, self._idle_step(self.idle_timeout)))
         return actions
 
+    def _authorize(self, now: float, *, send_eof: Side | None) -> list[Action]:
+        """The verified peer (``negotiated``) meets the policy: on to the next phase, or refused."""
+        if self.negotiated is None:
+            raise RelayBug(f"no verified peer to authorize in state {self.state}")
+        refusal = self.policy.authorize(self.negotiated.peer)
+        if refusal is not None:
+            return self._close(Event.DENIED, Outcome.DENIED, refusal, send_eof=send_eof)
+        return self._go(Event.SECURED, now)
+
     def _close(
         self,
         event: Event,
@@ -423,13 +462,14 @@ class Relay:
         abort: frozenset[Side] | set[Side] = frozenset(),
         *,
         send_eof: Side | None = None,
+        reset: bool = False,
     ) -> list[Action]:
         self._go(event, 0.0)
         self.state = State.CLOSING
         if self.outcome is None:
             self.outcome, self.reason = outcome, reason
         actions: list[Action] = [] if send_eof is None else [SendEOF(send_eof)]
-        actions.append(Close(abort=frozenset(abort)))
+        actions.append(Close(abort=frozenset(abort), reset=reset))
         return actions
 
     def _untrusted(self, handshook: Handshook, failure: str, why: str, side: Side) -> list[Action]:

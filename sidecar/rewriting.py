@@ -58,7 +58,7 @@ class RewritingLeg(Leg):
 
     # -- caller -> app ----------------------------------------------------------------------------
 
-    def send(self, data: bytes | memoryview) -> None:
+    def send(self, data: bytes | bytearray | memoryview) -> None:
         if self.refusal is not None:
             return  # nothing the caller sends after a refusal reaches the app
         if type(data) is not bytes:

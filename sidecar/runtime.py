@@ -17,6 +17,8 @@ from typing import TypeVar
 
 from .config import Config
 from .errors import SidecarError
+from .hbone.inbound import HboneListener
+from .hbone.outbound import TunnelListener, TunnelPolicy
 from .listeners import BaseListener, Listener
 from .logs import event
 from .metrics import DataMetrics
@@ -44,9 +46,18 @@ class Runtime:
             self._add(Listener(policy, inbound.listen, cfg.limits, metrics.for_listener(inbound.name, "inbound")))
             self._where.append(f"inbound[{i}].listen")
         for i, outbound in enumerate(cfg.outbound):
-            out = OutboundPolicy(outbound, store)
-            self._add(Listener(out, outbound.listen, cfg.limits, metrics.for_listener(outbound.name, "outbound")))
+            lm = metrics.for_listener(outbound.name, "outbound")
+            if outbound.tunnel is not None:
+                gauge = metrics.hbone_pool_connections.labels(listener=outbound.name)
+                tunnelled = TunnelPolicy(outbound, store, cfg.limits, lm, gauge)
+                self._add(TunnelListener(tunnelled, outbound.listen, cfg.limits, lm))
+            else:
+                self._add(Listener(OutboundPolicy(outbound, store), outbound.listen, cfg.limits, lm))
             self._where.append(f"outbound[{i}].listen")
+        if cfg.hbone is not None:
+            hbone = cfg.hbone
+            self._add(HboneListener(hbone, store, cfg.limits, metrics.for_listener(hbone.name, "inbound")))
+            self._where.append("hbone.listen")
         for where, capture in capture_listeners(cfg, store, metrics):
             self._add(capture)
             self._where.append(where)

@@ -35,6 +35,7 @@ from .tickets import listener_keys, set_ticket_keys
 from .tlsio import Vet
 
 log = logging.getLogger("sidecar.tls")
+H2_TICKETS = "\0hbone"  # the name the HBONE tunnels' ticket keys derive from (no listener name has a NUL)
 _CRL_BEGIN = b"-----BEGIN X509 CRL-----"
 
 
@@ -155,6 +156,20 @@ def read_files(files: TLSFiles) -> PemBundle:
 
 
 @dataclass(frozen=True)
+class Contexts:
+    """A server and the two client contexts of one material. ``Material.h2``'s offer and accept
+    ALPN ``h2`` and serve HBONE tunnels alone, so that no plain TLS listener or upstream ever
+    negotiates HTTP/2 on the app's behalf."""
+
+    server: ssl.SSLContext
+    client_hostname: ssl.SSLContext
+    client_identity: ssl.SSLContext
+
+    def client(self, *, verify_hostname: bool) -> ssl.SSLContext:
+        return self.client_hostname if verify_hostname else self.client_identity
+
+
+@dataclass(frozen=True)
 class Material:
     """One consistent generation of TLS material with contexts ready for handshakes."""
 
@@ -173,6 +188,8 @@ class Material:
     bundle: PemBundle = field(repr=False, compare=False)
     # Which CAs vouch for which trust domain (Workload API only; None for files).
     trust: TrustDomains | None = field(default=None, repr=False, compare=False)
+    # The ALPN-h2 contexts of HBONE tunnels, built when the store was asked to (``want_h2``).
+    h2: Contexts | None = field(repr=False, compare=False, default=None)
 
     def server_ctx_for(self, listener: str) -> ssl.SSLContext:
         """The server context of inbound ``listener`` (named when the material was loaded).
@@ -271,6 +288,11 @@ class TLSStore:
         self.reloads_error = 0
         self.last_error: str | None = None
         self.subscribers: list[Callable[[Material], None]] = []
+        self.h2 = False  # also build ``Material.h2`` (``want_h2``)
+
+    def want_h2(self) -> None:
+        """Build ALPN-h2 contexts with every material from now on (before the first load)."""
+        self.h2 = True
 
     @property
     def material(self) -> Material:
@@ -334,6 +356,7 @@ class TLSStore:
             generation=generation,
             ticket_keys=ticket_keys,
             listeners=self.listeners,
+            h2=self.h2,
         )
 
     def _publish(self, material: Material) -> None:
@@ -350,13 +373,15 @@ def load_material(
     now: datetime | None = None,
     ticket_keys: bytes | None = None,
     listeners: Sequence[str] = (),
+    h2: bool = False,
 ) -> Material:
     """Validate (key matches, leaf valid now, chain leads to a trust bundle) and build contexts
     (blocking: run it in a thread).
 
     ``ticket_keys``: session-ticket keys shared by every worker of a supervisor (``tickets.py``).
     ``listeners``: inbound listener names, each given a server context of its own
-    (``Material.server_ctx_for``).
+    (``Material.server_ctx_for``). ``h2``: also build the ALPN-h2 contexts of HBONE tunnels
+    (``Material.h2``), whose server has ticket keys of its own too.
     """
     o = bundle.origin
     chain = _read_certs(bundle.chain, o.label(CERT))
@@ -382,26 +407,31 @@ def load_material(
     loading = f"loading {o.ref(CERT)}, {o.ref(KEY)}, {o.ref(CA)} into TLS"
     with _private_file(cert_pem + key_pem) as pair_path, _private_file(crl_pem or b"") as crl_path:
         crl = crl_path if crl_pem else None
-        server = _server_context(pair_path, ca_pem, crl, loading, session_resumption, ticket_keys)
+
+        def contexts(alpn: list[str] | None, keys: bytes | None) -> Contexts:
+            server = _server_context(pair_path, ca_pem, crl, loading, session_resumption, keys)
+            client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
+            client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
+            client_i.check_hostname = False  # identity is checked against server_identity after the handshake
+            if alpn is not None:
+                for ctx in (server, client_h, client_i):
+                    ctx.set_alpn_protocols(alpn)
+            return Contexts(server, client_h, client_i)
+
+        def own_keys(name: str) -> bytes | None:
+            return listener_keys(ticket_keys, name) if ticket_keys is not None else None
+
+        plain = contexts(None, ticket_keys)
+        with_h2 = contexts(["h2"], own_keys(H2_TICKETS)) if h2 else None
         by_listener = {
-            name: _server_context(
-                pair_path,
-                ca_pem,
-                crl,
-                loading,
-                session_resumption,
-                listener_keys(ticket_keys, name) if ticket_keys is not None else None,
-            )
+            name: _server_context(pair_path, ca_pem, crl, loading, session_resumption, own_keys(name))
             for name in listeners
         }
-        client_h = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
-        client_i = _context(ssl.PROTOCOL_TLS_CLIENT, pair_path, ca_pem, crl, loading)
-        client_i.check_hostname = False  # identity is checked against server_identity after the handshake
     return Material(
-        server_ctx=server,
+        server_ctx=plain.server,
         listener_server_ctxs=by_listener,
-        client_ctx_hostname=client_h,
-        client_ctx_identity=client_i,
+        client_ctx_hostname=plain.client_hostname,
+        client_ctx_identity=plain.client_identity,
         chain=tuple(chain),
         cas=tuple(cas),
         identity=CertInfo.of(leaf),
@@ -412,6 +442,7 @@ def load_material(
         trust=TrustDomains({td: cas for td, cas in authorities.items() if td is not None})
         if bundle.trust_domains
         else None,
+        h2=with_h2,
     )
 
 

@@ -39,6 +39,7 @@ class Negotiated:
     peer: PeerIdentity
     peer_not_after: float | None  # the peer certificate's notAfter, epoch seconds
     trust_problem: str | None = None  # why the material's trust domains refuse the peer (``vet``)
+    alpn: str | None = None  # the application protocol both sides agreed on (ALPN), if any
 
 
 # the material's check after a handshake: (peer, verified chain or None, resumed) -> refusal or None
@@ -103,6 +104,7 @@ class TLSEngine:
             peer=from_peercert(cert, obj.getpeercert(binary_form=True) if pin else None),
             peer_not_after=_not_after(str(cert["notAfter"])) if cert and "notAfter" in cert else None,
             trust_problem=self.trust_problem,
+            alpn=obj.selected_alpn_protocol(),
         )
 
     def _ask_vet(self) -> None:
@@ -156,7 +158,7 @@ class TLSEngine:
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` into ``output``. Raises ``TLSFailure``."""
         try:
             self._obj.write(data)

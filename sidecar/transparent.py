@@ -79,6 +79,8 @@ class PlainPolicy:
     """Plain TCP to ``target``: no TLS leg, so no identity (``passthrough`` in the record)."""
 
     tls_side = None
+    stream_side = None
+    streams = None
     sessions = None
     needs_spki = False
 

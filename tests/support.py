@@ -842,6 +842,7 @@ class TunnelWire:
         self.server_events: list[Any] = []
         self.received: dict[tuple[str, int], bytearray] = {}
         self.auto_consume = {"client": True, "server": True}
+        self.chop: Callable[[bytes], list[bytes]] | None = None  # split what one side reads, as a socket may
 
     def _carry(self, data: bytes, to_server: bool) -> bytes:
         if self.link is None or not data:
@@ -866,7 +867,8 @@ class TunnelWire:
                 data = self._carry(conn.data_to_send(), to_server)
                 if data:
                     moved = True
-                    peer.receive_data(data, self.now)
+                    for piece in self.chop(data) if self.chop is not None else [data]:
+                        peer.receive_data(piece, self.now)
             for side, conn, sink in (
                 ("client", self.client, self.client_events),
                 ("server", self.server, self.server_events),
@@ -885,3 +887,76 @@ class TunnelWire:
     def of(self, side: str, kind: type, stream_id: int | None = None) -> list[Any]:
         events = self.client_events if side == "client" else self.server_events
         return [e for e in events if isinstance(e, kind) and (stream_id is None or e.stream_id == stream_id)]
+
+
+class H2Client:
+    """A bare HTTP/2 client over TLS (ALPN ``h2`` unless told otherwise) on python-hyper's ``h2``,
+    driven by hand: what a third-party HBONE peer could send, including what ours never would."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext, alpn: tuple[str, ...] = ("h2",)) -> None:
+        import h2.config
+        import h2.connection
+
+        ctx.set_alpn_protocols(list(alpn))
+        self.sock = tls_connect(port, ctx)
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        self.status: dict[int, int] = {}
+        self.data: dict[int, bytearray] = {}
+        self.ended: set[int] = set()
+        self.reset: dict[int, int] = {}
+        self.closed = False
+        self._flush()
+
+    def request(self, headers: list[tuple[str, str]], *, end_stream: bool = False) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        self.conn.send_headers(sid, [(k.encode(), v.encode()) for k, v in headers], end_stream=end_stream)
+        self._flush()
+        return sid
+
+    def connect(self, authority: str) -> int:
+        return self.request([(":method", "CONNECT"), (":authority", authority)])
+
+    def send(self, sid: int, data: bytes, *, end_stream: bool = False) -> None:
+        self.conn.send_data(sid, data, end_stream=end_stream)
+        self._flush()
+
+    def pump(self, until: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Read and answer frames until ``until()`` holds (or the connection closes)."""
+        import h2.events as e
+
+        deadline = time.monotonic() + timeout
+        while not until():
+            if self.closed:
+                raise AssertionError("the connection closed first")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout}s")
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except TimeoutError:
+                continue
+            if not chunk:
+                self.closed = True
+                continue
+            for ev in self.conn.receive_data(chunk):
+                if isinstance(ev, e.ResponseReceived):
+                    self.status[ev.stream_id] = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, e.DataReceived):
+                    self.data.setdefault(ev.stream_id, bytearray()).extend(ev.data)
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, e.StreamEnded):
+                    self.ended.add(ev.stream_id)
+                elif isinstance(ev, e.StreamReset):
+                    self.reset[ev.stream_id] = int(ev.error_code)
+                elif isinstance(ev, e.ConnectionTerminated):
+                    self.closed = True
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self.conn.data_to_send()
+        if out:
+            self.sock.sendall(out)
+
+    def close(self) -> None:
+        self.sock.close()

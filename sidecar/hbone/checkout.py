@@ -14,7 +14,7 @@ from typing import Generic
 from .pool import C, Dial, DialNeeded, Entry, Granted, Pool, PoolKey, Refused, Wait
 
 
-class PoolRefused(Exception):
+class PoolRefused(ConnectionError):
     """The upstream is backing off after failed dials; the message says the last failure."""
 
 
@@ -32,7 +32,7 @@ class Checkout(Generic[C]):
             if isinstance(got, Granted):
                 return got.entry
             if isinstance(got, Refused):
-                raise PoolRefused(got.reason)
+                raise PoolRefused(f"backing off after a failed dial: {got.reason}")
             if isinstance(got, Wait):
                 await asyncio.shield(self._future(got.dial))
                 continue

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class DialRequested:
-    """Server: a CONNECT to an allowed port; the driver dials ``127.0.0.1:port`` and then calls
-    ``accept`` (200) or ``refuse`` (503). Data the peer sends meanwhile is held, not delivered."""
+    """Server: a well-formed CONNECT; the driver authorizes the peer for ``port`` (``refuse`` with
+    403 if not), dials ``127.0.0.1:port`` and then calls ``accept`` (200) or ``refuse`` (503).
+    Data the peer sends meanwhile is held, not delivered."""
 
     stream_id: int
     port: int
@@ -23,11 +24,11 @@ class DialRequested:
 
 @dataclass(frozen=True, slots=True)
 class StreamRefused:
-    """Server: the connection answered this stream itself (400, 403, 405); nothing was dialled."""
+    """Server: the connection answered this stream itself (400, 405); nothing was dialled."""
 
     stream_id: int
     status: int
-    reason: str  # bad_authority, not_allowed, method_not_allowed
+    reason: str  # bad_authority, method_not_allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ class StreamData:
     really gone (written out, not merely queued): that, and only that, reopens the peer's window."""
 
     stream_id: int
-    data: bytes
+    data: bytes | memoryview  # a view of the received bytes: hand it on, do not keep it mutable
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,6 +193,13 @@ class Pool(Generic[C]):
         times = [e.idle_since for entries in self._entries.values() for e in entries if e.idle_since is not None]
         return min(times) + self.settings.idle_timeout if times else None
 
+    def clear(self) -> list[Entry[C]]:
+        """Shutting down: every pooled connection, removed from the pool: close them."""
+        entries = [e for entries in self._entries.values() for e in entries]
+        self._entries.clear()
+        self._dials.clear()
+        return entries
+
     def connections(self) -> int:
         """Pooled connections, retiring ones included: the pool gauge."""
         return sum(len(entries) for entries in self._entries.values())

@@ -1,39 +1,27 @@
 """The accepting half of HBONE: CONNECT requests in, 200 or an error status out, per stream.
 
-The server validates each request itself and answers what needs no dial: 405 for a method other
-than CONNECT, 400 for a malformed ``:authority``, 403 for a port this peer may not reach. Only an
-allowed request becomes a ``DialRequested``, so a refused peer never causes a connect. The host in
-``:authority`` is ignored: the driver dials ``127.0.0.1:<port>``.
+The server answers itself what is not a request at all: 405 for a method other than CONNECT, 400
+for a malformed ``:authority``. A well-formed CONNECT becomes a ``DialRequested``; the driver
+authorizes the peer for that port (403 through ``refuse``, nothing dialled), dials, and answers
+200 (``accept``) or 503 (``refuse``). The host in ``:authority`` is ignored: the driver dials
+``127.0.0.1:<port>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import h2.events as h2e
 from h2.errors import ErrorCodes
 
-from ..identity import Pattern, PeerIdentity, is_allowed
 from . import events as ev
 from .authority import parse_authority
 from .connection import STATUS_OK, TunnelConnection, TunnelSettings, _Stream
 
 
 class HboneServer(TunnelConnection):
-    """One accepted TLS connection from ``peer`` (already verified); ``ports`` maps each port it
-    may reach to the identity patterns allowed there."""
+    """One accepted TLS connection from a verified peer."""
 
-    def __init__(
-        self,
-        *,
-        peer: PeerIdentity,
-        ports: Mapping[int, Sequence[Pattern]],
-        now: float,
-        settings: TunnelSettings | None = None,
-    ) -> None:
+    def __init__(self, *, now: float, settings: TunnelSettings | None = None) -> None:
         super().__init__(client_side=False, settings=settings or TunnelSettings(), now=now)
-        self.peer = peer
-        self._ports = ports
 
     def accept(self, stream_id: int) -> None:
         """The dial succeeded: answer 200 and deliver what the peer already sent. A no-op for a
@@ -50,7 +38,7 @@ class HboneServer(TunnelConnection):
         self._flush()
 
     def refuse(self, stream_id: int, status: int = 503) -> None:
-        """The dial failed (503) or the driver refuses for another reason: the stream is over."""
+        """The dial failed (503) or the peer may not reach that port (403): the stream is over."""
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             return
@@ -75,10 +63,6 @@ class HboneServer(TunnelConnection):
             _host, port = parse_authority(authority)
         except ValueError:
             self._refuse_request(event, 400, "bad_authority")
-            return
-        patterns = self._ports.get(port)
-        if patterns is None or not is_allowed(self.peer, patterns):
-            self._refuse_request(event, 403, "not_allowed")
             return
         self._streams[stream_id] = _Stream(stream_id, held=[])
         forwarded = headers.get(b"forwarded")

@@ -20,6 +20,6 @@ def test_there_are_examples() -> None:
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_example_config_loads(path: Path) -> None:
     cfg = config.load(path)
-    assert cfg.inbound or cfg.outbound or cfg.transparent
+    assert cfg.inbound or cfg.outbound or cfg.transparent or cfg.hbone
     for inbound in cfg.inbound:
         assert inbound.allow, "an inbound listener without allow would refuse everyone"

@@ -4,6 +4,7 @@ TLS with ALPN h2): CONNECT, byte-exact streams, half-close, resets, statuses, fl
 from __future__ import annotations
 
 import os
+import random
 import ssl
 from pathlib import Path
 
@@ -29,16 +30,15 @@ from sidecar.hbone.events import (
     StreamWritable,
 )
 from sidecar.hbone.server import forwarded_for
-from sidecar.identity import PeerIdentity, from_peercert, parse_pattern
+from sidecar.identity import PeerIdentity, from_peercert
 from tests.support import CertFactory, MemoryLink, TunnelWire
 
 FRONTEND = PeerIdentity(uris=("spiffe://mesh.local/frontend",))
-PORTS = {8080: (parse_pattern("spiffe://mesh.local/frontend"),), 9090: (parse_pattern("spiffe://mesh.local/admin"),)}
 SMALL = TunnelSettings(stream_window=64 * 1024, connection_window=256 * 1024, max_frame_size=16384, send_buffer=32768)
 
 
-def wire(settings: TunnelSettings | None = None, peer: PeerIdentity = FRONTEND) -> TunnelWire:
-    server = HboneServer(peer=peer, ports=PORTS, now=0.0, settings=settings)
+def wire(settings: TunnelSettings | None = None) -> TunnelWire:
+    server = HboneServer(now=0.0, settings=settings)
     w = TunnelWire(HboneClient(now=0.0, settings=settings), server)
     w.pump()
     return w
@@ -63,6 +63,21 @@ def send_all(w: TunnelWire, conn: HboneClient | HboneServer, stream_id: int, dat
             w.pump()
 
 
+def exchange_and_end(w: TunnelWire, ids: list[int], size: int, chunk: int = 65536) -> None:
+    """Random bytes each way on every stream (a different length per stream), both ends finish;
+    each side must have received exactly what the other sent."""
+    data = {sid: os.urandom(size + sid) for sid in ids}
+    for sid in ids:
+        send_all(w, w.client, sid, data[sid], chunk)
+        send_all(w, w.server, sid, data[sid][::-1], chunk)
+        w.client.end_stream(sid)
+        w.server.end_stream(sid)
+    w.pump()
+    for sid in ids:
+        assert bytes(w.received["server", sid]) == data[sid]
+        assert bytes(w.received["client", sid]) == data[sid][::-1]
+
+
 # -- the request ---------------------------------------------------------------------------
 
 
@@ -83,22 +98,16 @@ def test_peer_settings_reach_the_client() -> None:
     assert w.client.peer_max_streams == 7
 
 
-@pytest.mark.parametrize(
-    ("peer", "port", "reason"),
-    [
-        (FRONTEND, 9090, "not_allowed"),  # the port exists, this identity may not reach it
-        (FRONTEND, 7070, "not_allowed"),  # no such port
-        (PeerIdentity(uris=("spiffe://mesh.local/other",)), 8080, "not_allowed"),
-    ],
-)
-def test_a_port_the_peer_may_not_reach_gets_403_and_no_dial(peer: PeerIdentity, port: int, reason: str) -> None:
-    w = wire(peer=peer)
-    sid = w.client.open_stream(f"10.0.0.1:{port}")
+def test_a_refusal_before_the_dial_answers_403_and_drops_what_the_peer_sent() -> None:
+    w = wire()
+    sid = w.client.open_stream("10.0.0.1:9090")
     w.client.send(sid, b"must never reach an app")
     w.pump()
-    assert w.of("server", DialRequested) == []
-    assert w.of("server", StreamRefused) == [StreamRefused(sid, 403, reason)]
+    assert w.of("server", DialRequested) == [DialRequested(sid, 9090, "10.0.0.1:9090", None)]
+    w.server.refuse(sid, 403)  # the driver's relay refused this peer for that port
+    w.pump()
     assert w.of("server", StreamData) == []
+    assert w.of("server", StreamClosed) == [StreamClosed(sid)]
     assert w.of("client", StreamRejected) == [StreamRejected(sid, 403)]
     assert w.of("client", StreamClosed) == [StreamClosed(sid)]
     assert w.server.open_streams == 0 and w.client.open_streams == 0
@@ -119,7 +128,7 @@ def test_a_malformed_authority_gets_400_and_no_dial(authority: str) -> None:
 def test_a_method_other_than_connect_gets_405_and_no_dial() -> None:
     raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     raw.initiate_connection()
-    server = HboneServer(peer=FRONTEND, ports=PORTS, now=0.0)
+    server = HboneServer(now=0.0)
     headers = [(":method", "GET"), (":scheme", "https"), (":authority", "10.0.0.1:8080"), (":path", "/")]
     raw.send_headers(1, headers, end_stream=True)
     server.receive_data(raw.data_to_send(), 0.0)
@@ -284,6 +293,55 @@ def test_a_peer_that_overruns_the_stream_window_loses_the_connection() -> None:
     assert sum(len(e.data) for e in events if isinstance(e, StreamData)) <= SMALL.stream_window
 
 
+@pytest.mark.parametrize("cut", ["bytes", "random"])
+def test_frames_split_anywhere_across_reads_arrive_exactly(cut: str) -> None:
+    """DATA payloads are handed on as they arrive and other frames go to h2 whole, whatever the
+    read boundaries: one byte at a time, or at random places."""
+    rng = random.Random(17)
+
+    def chop(data: bytes) -> list[bytes]:
+        if cut == "bytes":
+            return [data[i : i + 1] for i in range(len(data))]
+        out, i = [], 0
+        while i < len(data):
+            n = rng.randint(1, 40_000)
+            out.append(data[i : i + n])
+            i += n
+        return out
+
+    w = wire(SMALL)
+    w.chop = chop
+    ids = open_accepted(w, 3)
+    size = 50_000 if cut == "bytes" else 400_000
+    exchange_and_end(w, ids, size, chunk=7_001)
+    assert {e.stream_id for e in w.of("server", StreamClosed)} == set(ids)
+
+
+def test_padded_data_is_unpadded_and_its_padding_credited() -> None:
+    raw = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    raw.initiate_connection()
+    server = HboneServer(now=0.0, settings=SMALL)
+    raw.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"10.0.0.1:8080")])
+    server.receive_data(raw.data_to_send(), 0.0)
+    server.accept(1)
+    raw.receive_data(server.data_to_send())
+    for _ in range(16):  # 16 x (1000 + 200 padding) = 19,200 bytes of window: past a quarter of it
+        raw.send_data(1, b"p" * 1000, pad_length=199)
+        server.receive_data(raw.data_to_send(), 0.0)
+    got = b"".join(bytes(e.data) for e in server.events() if isinstance(e, StreamData))
+    assert got == b"p" * 16000
+    server.consumed(1, 16000)
+    assert server._h2._get_stream_by_id(1).inbound_flow_control_window == SMALL.stream_window  # padding too
+
+
+def test_a_frame_larger_than_we_allow_fails_the_connection_at_its_header() -> None:
+    w = wire(SMALL)
+    (sid,) = open_accepted(w)
+    header = (SMALL.max_frame_size + 1).to_bytes(3, "big") + b"\x00\x00" + sid.to_bytes(4, "big")
+    w.server.receive_data(header, 0.0)  # refused before a byte of its payload is waited for
+    assert any(isinstance(e, ConnectionTerminated) and e.local for e in w.server.events())
+
+
 def test_large_frames_are_used_when_both_sides_allow_them() -> None:
     w = wire(TunnelSettings(max_frame_size=1024 * 1024))
     assert w.client._h2.max_outbound_frame_size == 1024 * 1024
@@ -373,23 +431,16 @@ def test_streams_through_real_mtls_with_alpn_h2_and_the_verified_identity(tmp_pa
     )
     link.handshake()
     assert link.client.selected_alpn_protocol() == "h2" and link.server.selected_alpn_protocol() == "h2"
-    peer = from_peercert(link.server.getpeercert())
-    w = TunnelWire(HboneClient(now=0.0), HboneServer(peer=peer, ports=PORTS, now=0.0), link)
+    assert from_peercert(link.server.getpeercert()).uris == FRONTEND.uris
+    w = TunnelWire(HboneClient(now=0.0), HboneServer(now=0.0), link)
     w.pump()
     ids = open_accepted(w, 10)
     denied = w.client.open_stream("10.0.0.1:9090")
-    data = {sid: os.urandom(300_000 + sid) for sid in ids}
-    for sid in ids:
-        send_all(w, w.client, sid, data[sid])
-        send_all(w, w.server, sid, data[sid][::-1])
-        w.client.end_stream(sid)
-        w.server.end_stream(sid)
     w.pump()
-    for sid in ids:
-        assert bytes(w.received["server", sid]) == data[sid]
-        assert bytes(w.received["client", sid]) == data[sid][::-1]
+    w.server.refuse(denied, 403)
+    exchange_and_end(w, ids, 300_000)
     assert w.of("client", StreamRejected) == [StreamRejected(denied, 403)]
-    assert [d.port for d in w.of("server", DialRequested)] == [8080] * 10
+    assert [d.port for d in w.of("server", DialRequested)] == [8080] * 10 + [9090]
 
 
 # -- small pieces ---------------------------------------------------------------------------------------

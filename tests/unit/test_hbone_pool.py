@@ -9,7 +9,6 @@ import pytest
 from sidecar.hbone import HboneClient, HboneServer
 from sidecar.hbone.checkout import Checkout, PoolRefused
 from sidecar.hbone.pool import DialNeeded, Entry, Granted, Pool, PoolKey, PoolSettings, Refused, Wait
-from sidecar.identity import PeerIdentity, parse_pattern
 from tests.support import TunnelWire
 
 KEY = PoolKey("orders.mesh.local:15008", None, ("spiffe://mesh.local/orders",))
@@ -166,9 +165,7 @@ async def test_checkout_shares_one_handshake_among_concurrent_streams() -> None:
         nonlocal dials
         dials += 1
         await asyncio.sleep(0.01)  # the handshake takes a while; everyone else arrives meanwhile
-        server = HboneServer(
-            peer=PeerIdentity(uris=("spiffe://mesh.local/a",)), ports={80: (parse_pattern("*"),)}, now=0
-        )
+        server = HboneServer(now=0)
         w = TunnelWire(HboneClient(now=0.0), server)
         w.pump()
         return w, w.client.peer_max_streams

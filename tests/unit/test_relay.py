@@ -44,6 +44,7 @@ class FakePolicy:
 
     tls_side: Side | None
     direction: Direction = Direction.INBOUND
+    stream_side: Side | None = None
     name: str = "orders"
     allowed: tuple[str, ...] = ("spiffe://mesh.local/frontend",)
     targets: list[Address] = field(default_factory=list)
@@ -58,6 +59,7 @@ class FakePolicy:
 
 
 def relay(tls_side: Side | None = Side.DOWN, *, idle: float = IDLE_TIMEOUT, **kw: object) -> Relay:
+    """A relay of a ``FakePolicy``; ``stream_side=`` in ``kw`` makes that leg a tunnel's stream."""
     policy = FakePolicy(tls_side, **kw)  # type: ignore[arg-type]
     return Relay(policy, handshake_timeout=HANDSHAKE_TIMEOUT, idle_timeout=idle, now=100.0)
 
@@ -195,6 +197,73 @@ def test_plain_tcp_let_through_ends_as_passthrough_where_it_would_be_ok(ending: 
     assert finish.record.outcome is outcome
     assert finish.record.original_dst == "10.0.0.7:5432"
     assert finish.record.peer_identity is None and finish.record.tls_version is None
+
+
+# -- a stream of a verified tunnel ---------------------------------------------------------------------
+
+
+def test_a_stream_in_authorizes_the_tunnels_peer_first_then_dials() -> None:
+    r = relay(None, stream_side=Side.DOWN)
+    actions = r.started("127.0.0.1:15008", 100.0, negotiated())
+    assert actions == [Dial(FORWARD)]  # no handshake of its own: the tunnel's peer is known and allowed
+    assert r.state is State.DIALING
+    assert kinds(r.dialled(100.1)) == [Stream, ArmTimer]
+    r.eof(Side.DOWN)
+    r.eof(Side.UP)
+    (finish,) = r.ended(3, 4, 101.0)
+    assert isinstance(finish, Finish)
+    assert (finish.record.peer_identity, finish.record.tls_version) == ("spiffe://mesh.local/frontend", "TLSv1.3")
+    assert finish.record.handshake_error is None
+
+
+def test_a_stream_in_from_a_peer_not_allowed_is_refused_before_any_dial() -> None:
+    r = relay(None, stream_side=Side.DOWN)
+    actions = r.started("127.0.0.1:15008", 100.0, negotiated(STRANGER))
+    assert actions == [Close()]  # no SendEOF: the stream leg answers the refusal (403) as it closes
+    assert r.policy.targets == []  # type: ignore[attr-defined]
+    assert (r.outcome, r.reason) == (Outcome.DENIED, "identity spiffe://mesh.local/stranger is not in allow")
+    (finish,) = r.ended(0, 0, 100.0)
+    assert isinstance(finish, Finish)
+    assert finish.record.outcome is Outcome.DENIED and finish.record.peer_identity == "spiffe://mesh.local/stranger"
+
+
+def test_a_stream_in_without_its_tunnels_peer_is_a_bug() -> None:
+    r = relay(None, stream_side=Side.DOWN)
+    with pytest.raises(RelayBug, match="no verified peer"):
+        r.started("c", 100.0)
+
+
+def test_a_stream_out_dials_and_takes_the_upstream_the_tunnel_verified() -> None:
+    r = relay(None, stream_side=Side.UP, direction=Direction.OUTBOUND)
+    assert r.started("127.0.0.1:5000", 100.0) == [Dial(FORWARD)]  # the dial is the stream's open
+    assert kinds(r.dialled(100.1, negotiated(STRANGER))) == [Stream, ArmTimer]  # verified by the pool, not here
+    r.eof(Side.UP)
+    r.eof(Side.DOWN)
+    (finish,) = r.ended(1, 2, 100.5)
+    assert isinstance(finish, Finish)
+    assert finish.record.peer_identity == "spiffe://mesh.local/stranger"
+
+
+@pytest.mark.parametrize("reset", [Side.DOWN, Side.UP])
+def test_with_a_stream_leg_a_reset_is_passed_on_as_a_reset(reset: Side) -> None:
+    r = relay(None, stream_side=Side.UP, direction=Direction.OUTBOUND)
+    r.started("c", 100.0)
+    r.dialled(100.0, negotiated())
+    other = Side.UP if reset is Side.DOWN else Side.DOWN
+    assert r.lost(reset, "ConnectionResetError", reset=True) == [Close(abort=frozenset({other}), reset=True)]
+    assert (r.outcome, r.reason) == (Outcome.OK, "ConnectionResetError")
+
+
+def test_without_a_stream_leg_a_reset_still_closes_the_other_leg_gracefully() -> None:
+    r = inbound_streaming()
+    assert r.lost(Side.UP, "ConnectionResetError", reset=True) == [Close()]
+
+
+def test_a_stream_lost_without_a_reset_closes_the_other_leg_gracefully() -> None:
+    r = relay(None, stream_side=Side.DOWN)
+    r.started("c", 100.0, negotiated())
+    r.dialled(100.0)
+    assert r.lost(Side.DOWN, None) == [Close()]
 
 
 # -- refusals: nothing is dialled --------------------------------------------------------------------
@@ -461,7 +530,7 @@ def test_events_a_state_does_not_list_are_bugs() -> None:
 
 
 def test_every_open_state_can_be_cut_and_every_closing_one_ends() -> None:
-    for state in (State.HANDSHAKING, State.DIALING, State.STREAMING, State.HALF_CLOSED):
+    for state in (State.HANDSHAKING, State.AUTHORIZING, State.DIALING, State.STREAMING, State.HALF_CLOSED):
         assert TRANSITIONS[state][Event.CUT] is State.CLOSING
         assert TRANSITIONS[state][Event.LOST] is State.CLOSING
     assert TRANSITIONS[State.CLOSING][Event.ENDED] is State.CLOSED
