@@ -7,10 +7,10 @@ destination and the pure decisions of ``capture.py`` choose what it becomes: mTL
 ordinary relay policies (outbound: to the original destination, checking the route's identity, or,
 on a route with ``tunnel: hbone``, a CONNECT stream of that destination on a pooled tunnel to port
 15008 of its address; inbound: the port's ``allow``, then ``127.0.0.1:<original port>``), plain
-TCP (``PlainPolicy``, recorded as ``passthrough``), or a refusal (closed at once, recorded as ``denied``: no route under
-``unmatched: deny``, a port not captured, or a connection made straight to the capture port, which
-has no original destination and is also what makes a capture loop impossible). The transport is
-then handed to a relay ``Connection`` as if it had just been accepted.
+TCP (``PlainPolicy``, recorded as ``passthrough``), or a refusal (closed at once, recorded as
+``denied``: no route under ``unmatched: deny``, a port not captured, or a connection made straight
+to the capture port, which has no original destination and is also what makes a capture loop
+impossible). The transport is then handed to a relay ``Connection`` as if it had just been accepted.
 
 In permissive mode inbound first holds the connection's first bytes (``origdst.FirstBytes``): a
 TLS ClientHello goes to mTLS, anything else reaches the app as plain TCP, and so does a client that
