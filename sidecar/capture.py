@@ -1,9 +1,10 @@
 """What a capture listener does with one captured connection, decided before a byte moves (pure).
 
-Outbound: the original destination and the route table give mTLS (with the route's identity check),
-plain passthrough, or a refusal. Inbound: the original port gives the port's ``allow`` list and the
-app address ``127.0.0.1:<port>``, or a refusal; in permissive mode, the first bytes decide between
-mTLS and plaintext passthrough. The relay does the I/O; this module only decides.
+Outbound: the original destination and the route table give mTLS (with the route's identity check;
+directly, or through a tunnel when the route has one), plain passthrough, or a refusal. Inbound:
+the original port gives the port's ``allow`` list and the app address ``127.0.0.1:<port>``, or a
+refusal; in permissive mode, the first bytes decide between mTLS and plaintext passthrough. The
+relay does the I/O; this module only decides.
 """
 
 from __future__ import annotations

@@ -87,11 +87,12 @@ class Inbound:
 
 @dataclass(frozen=True)
 class Tunnel:
-    """``outbound[].tunnel``: each app connection becomes a CONNECT stream on a pooled
-    connection to the upstream's HBONE listener (contract section 11)."""
+    """``outbound[].tunnel`` or ``transparent.outbound.routes[].tunnel``: each app connection
+    becomes a CONNECT stream on a pooled connection to the upstream's HBONE listener (contract
+    section 11)."""
 
     protocol: str  # only "hbone"
-    target_port: int | None  # the port CONNECT asks for; required on outbound listeners
+    target_port: int | None  # the port CONNECT asks for; outbound listeners only (a route's is the original one)
     max_streams: int = 100  # per pooled connection; the peer's MAX_CONCURRENT_STREAMS may lower it
     idle_timeout: float = 300.0  # a pooled connection without streams for this long is closed
 
@@ -169,6 +170,7 @@ class Route:
     to: Destination
     server_identity: tuple[Pattern, ...] | None  # None: hostname verification of ``server_name``
     sni: str | None
+    tunnel: Tunnel | None = None  # CONNECT <original destination> to port 15008 of its address
 
     @property
     def server_name(self) -> str | None:
@@ -468,7 +470,7 @@ def _outbound(value: Any, where: str) -> Outbound:
         upstream=upstream,
         server_identity=server_identity,
         sni=sni,
-        tunnel=_tunnel(m["tunnel"], f"{where}.tunnel", needs_target_port=True) if m.get("tunnel") is not None else None,
+        tunnel=_tunnel(m["tunnel"], f"{where}.tunnel", route=False) if m.get("tunnel") is not None else None,
     )
 
 
@@ -494,11 +496,16 @@ def _server_check(
     return server_identity, sni.strip() if isinstance(sni, str) else None
 
 
-def _tunnel(value: Any, where: str, *, needs_target_port: bool) -> Tunnel:
+def _tunnel(value: Any, where: str, *, route: bool) -> Tunnel:
+    """An outbound listener's tunnel names the port it CONNECTs to; a transparent route's does not
+    (the original destination's port is the target)."""
+    example = "{protocol: hbone}" if route else "{protocol: hbone, target_port: 8080}"
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: expected a mapping like {{protocol: hbone, target_port: 8080}}, got {value!r}")
-    required = {"protocol", "target_port"} if needs_target_port else {"protocol"}
-    m = _mapping(value, where, required=required, optional={"target_port", "max_streams", "idle_timeout"})
+        raise ConfigError(f"{where}: expected a mapping like {example}, got {value!r}")
+    if route and "target_port" in value:
+        raise ConfigError(f"{where}.target_port: not on a route: CONNECT asks for the original destination's port")
+    required = {"protocol"} if route else {"protocol", "target_port"}
+    m = _mapping(value, where, required=required, optional={"max_streams", "idle_timeout"})
     protocol = _choice(m["protocol"], f"{where}.protocol", ("hbone",))
     d = Tunnel(protocol, None)
     idle = parse_duration(m.get("idle_timeout", d.idle_timeout), f"{where}.idle_timeout")
@@ -506,7 +513,7 @@ def _tunnel(value: Any, where: str, *, needs_target_port: bool) -> Tunnel:
         raise ConfigError(f"{where}.idle_timeout: must be greater than 0")
     return Tunnel(
         protocol=protocol,
-        target_port=_port(m["target_port"], f"{where}.target_port") if "target_port" in m else None,
+        target_port=None if route else _port(m["target_port"], f"{where}.target_port"),
         max_streams=_whole(m.get("max_streams", d.max_streams), f"{where}.max_streams", 1, 1000),
         idle_timeout=idle,
     )
@@ -568,10 +575,11 @@ def _transparent_outbound(value: Any, where: str) -> TransparentOutbound:
 
 
 def _route(value: Any, where: str) -> Route:
-    m = _mapping(value, where, required={"to"}, optional={"server_identity", "sni"})
+    m = _mapping(value, where, required={"to"}, optional={"server_identity", "sni", "tunnel"})
     to = parse_destination(m["to"], f"{where}.to", names=True, port_required=True)
     server_identity, sni = _server_check(m, where, "to", named=to.host is not None)
-    return Route(to=to, server_identity=server_identity, sni=sni)
+    tunnel = _tunnel(m["tunnel"], f"{where}.tunnel", route=True) if m.get("tunnel") is not None else None
+    return Route(to=to, server_identity=server_identity, sni=sni, tunnel=tunnel)
 
 
 # The keys of one ``transparent.inbound.ports`` entry; section 9's options for the app join here.

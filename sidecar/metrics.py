@@ -77,7 +77,8 @@ class DataMetrics:
         )
         self.hbone_pool_connections = Gauge(
             "sidecar_hbone_pool_connections",
-            "Pooled HBONE tunnels open now on an outbound listener with tunnel: hbone (retiring ones included).",
+            "Pooled HBONE tunnels open now on an outbound listener or transparent routes with tunnel: hbone "
+            "(retiring ones included).",
             ["listener"],
             registry=r,
             multiprocess_mode="livesum",

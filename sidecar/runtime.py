@@ -18,7 +18,7 @@ from typing import TypeVar
 from .config import Config
 from .errors import SidecarError
 from .hbone.inbound import HboneListener
-from .hbone.outbound import TunnelListener, TunnelPolicy
+from .hbone.outbound import tunnel_listener
 from .listeners import BaseListener, Listener
 from .logs import event
 from .metrics import DataMetrics
@@ -49,8 +49,7 @@ class Runtime:
             lm = metrics.for_listener(outbound.name, "outbound")
             if outbound.tunnel is not None:
                 gauge = metrics.hbone_pool_connections.labels(listener=outbound.name)
-                tunnelled = TunnelPolicy(outbound, store, cfg.limits, lm, gauge)
-                self._add(TunnelListener(tunnelled, outbound.listen, cfg.limits, lm))
+                self._add(tunnel_listener(outbound, store, cfg.limits, lm, gauge))
             else:
                 self._add(Listener(OutboundPolicy(outbound, store), outbound.listen, cfg.limits, lm))
             self._where.append(f"outbound[{i}].listen")

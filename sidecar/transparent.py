@@ -4,12 +4,13 @@ captured connection gets its relay policy when it is accepted (contract section 
 Theory of operation. A connection the nat rules redirected to a capture port arrives with its
 original destination in conntrack (``origdst.original_dst``). Before a byte is relayed, that
 destination and the pure decisions of ``capture.py`` choose what it becomes: mTLS with one of the
-ordinary relay policies (outbound: to the original destination, checking the route's identity;
-inbound: the port's ``allow``, then ``127.0.0.1:<original port>``), plain TCP (``PlainPolicy``,
-recorded as ``passthrough``), or a refusal (closed at once, recorded as ``denied``: no route under
-``unmatched: deny``, a port not captured, or a connection made straight to the capture port, which
-has no original destination and is also what makes a capture loop impossible). The transport is
-then handed to a relay ``Connection`` as if it had just been accepted.
+ordinary relay policies (outbound: to the original destination, checking the route's identity, or,
+on a route with ``tunnel: hbone``, a CONNECT stream of that destination on a pooled tunnel to port
+15008 of its address; inbound: the port's ``allow``, then ``127.0.0.1:<original port>``), plain
+TCP (``PlainPolicy``, recorded as ``passthrough``), or a refusal (closed at once, recorded as
+``denied``: no route under ``unmatched: deny``, a port not captured, or a connection made straight
+to the capture port, which has no original destination and is also what makes a capture loop
+impossible). The transport is then handed to a relay ``Connection`` as if it had just been accepted.
 
 In permissive mode inbound first holds the connection's first bytes (``origdst.FirstBytes``): a
 TLS ClientHello goes to mTLS, anything else reaches the app as plain TCP, and so does a client that
@@ -35,6 +36,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import cast
 
+from prometheus_client import Gauge
+
 from .capture import INBOUND_LISTENER, OUTBOUND_LISTENER, Action, first_bytes_action, plan_inbound, plan_outbound
 from .config import (
     Address,
@@ -49,12 +52,14 @@ from .config import (
 )
 from .errors import SidecarError
 from .forwarding import Forwarding
+from .hbone.authority import format_authority
+from .hbone.outbound import TunnelPolicy, TunnelPool
 from .identity import PeerIdentity
 from .iptables import ipv6_enabled
 from .legs import peer_address
 from .listeners import BaseListener
 from .logs import event
-from .metrics import DataMetrics
+from .metrics import DataMetrics, ListenerMetrics
 from .origdst import FirstBytes, Socket, format_dst, original_dst
 from .policies import InboundPolicy, OutboundPolicy
 from .record import Direction, Outcome, Record, log_access
@@ -68,11 +73,17 @@ log = logging.getLogger("sidecar")
 # as soon as it is connected; a client that says nothing for this long is waiting for the server to
 # speak first, and is passed through as plain TCP (Istio calls this protocolDetectionTimeout).
 PEEK_TIMEOUT = 1.0
-KEPT_DESTINATIONS = 1024  # outbound mTLS policies kept, one per route and destination, with its TLS session
+KEPT_DESTINATIONS = 1024  # outbound mTLS policies (or tunnel pools) kept, per route and destination (or its address)
+HBONE_PORT = 15008  # a route's tunnel goes to this port of the original destination's address (contract section 11)
 LOOPBACK = ("127.0.0.1", "::1")
 ANY_ADDRESS = ("0.0.0.0", "::")
 
 OriginalDst = Callable[[Socket], "tuple[str, int] | None"]
+TunnelUpstream = Callable[[str], Address]  # a destination address -> where its hbone listener is
+
+
+def hbone_upstream(ip: str) -> Address:
+    return Address(ip, HBONE_PORT)
 
 
 class PlainPolicy:
@@ -101,15 +112,35 @@ class PlainPolicy:
 
 
 class RoutePolicies:
-    """transparent-outbound's mTLS policies, one per route and destination, each keeping the TLS
-    session of that destination; beyond ``KEPT_DESTINATIONS`` the least recently used go."""
+    """transparent-outbound's policies. A route without a tunnel: an mTLS policy per destination,
+    each keeping the TLS session of that destination. A route with one: a pool of tunnels per
+    destination address (``upstream(ip)``, port 15008 of it), each tunnel verified as the route
+    says, and a policy per connection that CONNECTs its original destination there. Beyond
+    ``KEPT_DESTINATIONS`` of either, the least recently used go (a pool let go closes once the
+    streams on it have ended)."""
 
-    def __init__(self, listen: Address, store: TLSStore) -> None:
+    def __init__(
+        self,
+        listen: Address,
+        store: TLSStore,
+        limits: Limits,
+        metrics: ListenerMetrics,
+        gauge: Gauge | None,
+        upstream: TunnelUpstream = hbone_upstream,
+    ) -> None:
         self._listen = listen
         self._store = store
+        self._limits = limits
+        self._metrics = metrics
+        self._gauge = gauge  # sidecar_hbone_pool_connections, when a route has a tunnel
+        self._upstream = upstream
         self._kept: OrderedDict[tuple[int, Address], OutboundPolicy] = OrderedDict()
+        self._pools: OrderedDict[tuple[int, str], TunnelPool] = OrderedDict()
 
-    def get(self, route: Route, dst: Address) -> OutboundPolicy:
+    def get(self, route: Route, dst: Address) -> OutboundPolicy | TunnelPolicy:
+        if route.tunnel is not None:
+            authority = format_authority(dst.host, dst.port)
+            return TunnelPolicy(OUTBOUND_LISTENER, self._pool(route, dst.host), dst, authority)
         key = (id(route), dst)  # routes live as long as the config
         kept = self._kept
         policy = kept.get(key)
@@ -121,6 +152,28 @@ class RoutePolicies:
         if len(kept) > KEPT_DESTINATIONS:
             kept.popitem(last=False)
         return policy
+
+    def close(self) -> None:
+        """Shutting down: close every pooled tunnel."""
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    def _pool(self, route: Route, ip: str) -> TunnelPool:
+        key = (id(route), ip)
+        pools = self._pools
+        pool = pools.get(key)
+        if pool is not None:
+            pools.move_to_end(key)
+            return pool
+        assert self._gauge is not None, "made when a route has a tunnel"
+        spec = Outbound(
+            OUTBOUND_LISTENER, self._listen, self._upstream(ip), route.server_identity, route.server_name, route.tunnel
+        )
+        pool = pools[key] = TunnelPool(spec, self._store, self._limits, self._metrics, self._gauge)
+        if len(pools) > KEPT_DESTINATIONS:
+            pools.popitem(last=False)[1].retire_all()
+        return pool
 
 
 class Pending(asyncio.Protocol):
@@ -219,7 +272,7 @@ class CaptureListener(BaseListener):
         log_access(Record(self.name, self.direction, client, Outcome.DENIED, original_dst=dst, reason=reason))
 
     def hand_over(
-        self, pending: Pending, policy: InboundPolicy | OutboundPolicy | PlainPolicy, held: bytes = b""
+        self, pending: Pending, policy: InboundPolicy | OutboundPolicy | TunnelPolicy | PlainPolicy, held: bytes = b""
     ) -> None:
         """Give the transport to a relay connection with ``policy``, as if just accepted, then
         what the client already sent (``held``, and its end of data)."""
@@ -242,7 +295,8 @@ class CaptureListener(BaseListener):
 
 class OutboundCapture(CaptureListener):
     """``transparent-outbound``: the app's connections, to the original destination with mTLS
-    (a route), as plain TCP (``unmatched: passthrough``) or not at all."""
+    (a route; through a tunnel if it has one), as plain TCP (``unmatched: passthrough``) or not at
+    all. ``upstream`` says where a destination address's hbone listener is (port 15008 of it)."""
 
     label, flow = OUTBOUND_LISTENER, Direction.OUTBOUND
 
@@ -253,11 +307,16 @@ class OutboundCapture(CaptureListener):
         limits: Limits,
         metrics: DataMetrics,
         lookup: OriginalDst = original_dst,
+        upstream: TunnelUpstream = hbone_upstream,
     ) -> None:
         super().__init__(spec.listen, limits, metrics, lookup)
         self.spec = spec
         self.routes = RouteTable(spec.routes)
-        self.policies = RoutePolicies(spec.listen, store)
+        gauge = None
+        if any(route.tunnel is not None for route in spec.routes):
+            store.want_h2()  # before the first material is loaded
+            gauge = metrics.hbone_pool_connections.labels(listener=self.name)
+        self.policies = RoutePolicies(spec.listen, store, limits, self.metrics, gauge, upstream)
 
     async def start(self, sockets: list[socket.socket] | None = None) -> None:
         await self.routes.start()  # host-name routes resolved before the first connection
@@ -266,6 +325,7 @@ class OutboundCapture(CaptureListener):
     async def wait_closed(self) -> None:
         await self.routes.aclose()
         await super().wait_closed()
+        self.policies.close()
 
     def decide(self, pending: Pending, dst: tuple[str, int] | None) -> None:
         plan = plan_outbound(dst, self.routes, self.spec)

@@ -84,9 +84,15 @@ class Node:
 
     # -- the sidecar ----------------------------------------------------------------------------
 
-    def configure(self, ca: pki.Issued, transparent: dict[str, Any], identity: str | None = None) -> Path:
+    def configure(
+        self,
+        ca: pki.Issued,
+        transparent: dict[str, Any] | None,
+        identity: str | None = None,
+        **sections: Any,
+    ) -> Path:
         """Certificates for ``identity`` (default: the node's name), owned by the sidecar's uid,
-        and a config with this ``transparent`` section."""
+        and a config with this ``transparent`` section (None: none) and any other ``sections``."""
         ident = identity or self.name
         certs = self.dir / f"certs-{ident}"
         certs.mkdir(exist_ok=True)
@@ -95,11 +101,13 @@ class Node:
         pki.write_atomic(certs / "ca.pem", ca.cert_pem())
         for path in (certs, *certs.iterdir()):
             os.chown(path, SIDECAR_UID, SIDECAR_UID)
-        cfg = {
+        cfg: dict[str, Any] = {
             "tls": {"cert": str(certs / "cert.pem"), "key": str(certs / "key.pem"), "ca": str(certs / "ca.pem")},
-            "transparent": {"uid": SIDECAR_UID, **transparent},
+            **sections,
             "log": {"level": "info"},
         }
+        if transparent is not None:
+            cfg["transparent"] = {"uid": SIDECAR_UID, **transparent}
         self.config = self.dir / f"sidecar-{ident}.yaml"
         self.config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.config.chmod(0o644)

@@ -1,8 +1,9 @@
 """Network namespaces for tests: namespaces, veth pairs with IPv4 and IPv6 addresses, processes run
 inside them (optionally as another uid), and a teardown that runs even when the test fails.
 
-Every name made here starts with ``h12-`` and carries this process's id, so parallel runs never
-collide; addresses are 10.231.N.0/24 and fd00:231:N::/64, which exist only inside these namespaces.
+Every name made here starts with a prefix (``h12-`` unless the lab is given another) and carries
+this process's id, so parallel runs never collide; addresses are 10.231.N.0/24 and fd00:231:N::/64,
+which exist only inside these namespaces.
 Deleting a namespace deletes its veth ends, its nat rules and everything bound in it.
 """
 
@@ -132,7 +133,8 @@ class Link:
 class Lab:
     """Namespaces and links made for one test; ``close`` (or the ``lab`` context) removes them all."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = PREFIX) -> None:
+        self.prefix = prefix
         self.run_id = f"{os.getpid()}-{next(_ids)}"
         self.namespaces: list[Namespace] = []
         self._links = 0
@@ -140,13 +142,13 @@ class Lab:
 
     def workdir(self) -> Path:
         """A folder every uid can traverse (pytest's own are root's alone), removed at ``close``."""
-        path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{self.run_id}-"))
+        path = Path(tempfile.mkdtemp(prefix=f"{self.prefix}{self.run_id}-"))
         path.chmod(0o755)
         self._dirs.append(path)
         return path
 
     def namespace(self, role: str) -> Namespace:
-        ns = Namespace(f"{PREFIX}{role}-{self.run_id}")
+        ns = Namespace(f"{self.prefix}{role}-{self.run_id}")
         _ip("netns", "add", ns.name)
         self.namespaces.append(ns)
         ns.run("ip", "link", "set", "lo", "up")
@@ -156,7 +158,7 @@ class Lab:
         """Join ``a`` and ``b`` with a veth pair, each end created inside its namespace (never in ours)."""
         self._links += 1
         n = len(self.namespaces) * 16 + self._links  # distinct subnets within this lab
-        end_a, end_b = f"{PREFIX}{n}a", f"{PREFIX}{n}b"  # at most 15 characters (IFNAMSIZ)
+        end_a, end_b = f"{self.prefix}{n}a", f"{self.prefix}{n}b"  # at most 15 characters (IFNAMSIZ)
         _ip("link", "add", end_a, "netns", a.name, "type", "veth", "peer", "name", end_b, "netns", b.name)
         link = Link(f"10.231.{n}.1", f"10.231.{n}.2", f"fd00:231:{n}::1", f"fd00:231:{n}::2", end_a, end_b)
         for ns, end, v4, v6 in ((a, end_a, link.a_v4, link.a_v6), (b, end_b, link.b_v4, link.b_v6)):
@@ -183,16 +185,16 @@ class Lab:
 
 
 @contextmanager
-def lab() -> Iterator[Lab]:
-    made = Lab()
+def lab(prefix: str = PREFIX) -> Iterator[Lab]:
+    made = Lab(prefix)
     try:
         yield made
     finally:
         made.close()
 
 
-def leftovers() -> list[str]:
+def leftovers(prefix: str = PREFIX) -> list[str]:
     """This process's namespaces still present (a teardown bug if any)."""
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
     mine = f"-{os.getpid()}-"
-    return [line.split()[0] for line in listed.splitlines() if line.startswith(PREFIX) and mine in line]
+    return [line.split()[0] for line in listed.splitlines() if line.startswith(prefix) and mine in line]

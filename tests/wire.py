@@ -3,8 +3,9 @@
 ``streams`` reassembles each direction of each TCP connection in a pcap file (Ethernet, IPv4 or
 IPv6, as tcpdump writes for a veth); ``tls_records`` reads a stream as TLS records and raises
 ``NotTLS`` at the first byte that is not one; ``server_hello_version`` says which version a
-ServerHello selected (TLS 1.3 names itself only in the supported_versions extension). Pure
-functions over bytes: the tests and ``make demo-transparent`` use them as proof.
+ServerHello selected (TLS 1.3 names itself only in the supported_versions extension), and
+``tls13_problems`` puts them together for a whole capture. Pure functions over bytes: the tests
+and ``make demo-transparent`` use them as proof.
 """
 
 from __future__ import annotations
@@ -151,3 +152,26 @@ def server_hello_version(records: list[tuple[int, bytes]]) -> int | None:
             at += 4 + size
         return legacy
     return None
+
+
+def tls13_problems(flows: dict[Flow, bytes], server_port: int) -> list[str]:
+    """What keeps ``flows`` (``streams`` of a capture) from being TLS 1.3 connections to
+    ``server_port`` and nothing else: a flow not to or from that port, a byte that is not a TLS
+    record, a first record that is not a handshake, a second handshake record in one direction
+    (all after the hello is encrypted), a server that did not select TLS 1.3. Empty: none."""
+    problems: list[str] = []
+    for flow, data in flows.items():
+        if server_port not in (flow.sport, flow.dport):
+            problems.append(f"{flow}: not to or from port {server_port}")
+            continue
+        try:
+            records = tls_records(data)
+        except NotTLS as exc:
+            problems.append(f"{flow}: {exc}")
+            continue
+        kinds = [kind for kind, _ in records]
+        if not kinds or kinds[0] != 22 or not set(kinds) <= set(RECORD_TYPES) or kinds.count(22) != 1:
+            problems.append(f"{flow}: record types {kinds}")
+        if flow.sport == server_port and server_hello_version(records) != TLS13:
+            problems.append(f"{flow}: the server did not select TLS 1.3")
+    return problems

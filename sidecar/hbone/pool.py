@@ -177,6 +177,10 @@ class Pool(Generic[C]):
         self.generation = generation
         self._dials.clear()  # a dial under the old material is pooled by nobody
         self._backoff.clear()  # new material may be what the failures needed
+        return self.retire_all()
+
+    def retire_all(self) -> list[Entry[C]]:
+        """Every connection retires; returns those to close now (no stream open)."""
         return [e for entries in list(self._entries.values()) for e in list(entries) if self.retire(e)]
 
     def expire(self) -> list[Entry[C]]:
@@ -199,6 +203,10 @@ class Pool(Generic[C]):
         self._entries.clear()
         self._dials.clear()
         return entries
+
+    def empty(self) -> bool:
+        """No connection pooled and no dial in flight."""
+        return not self._entries and not self._dials
 
     def connections(self) -> int:
         """Pooled connections, retiring ones included: the pool gauge."""

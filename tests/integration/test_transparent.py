@@ -5,7 +5,11 @@ conntrack lookup: the original destination the test registered for the client's 
 lookup itself, and every path through real nat rules, is proved in network namespaces
 (``tests/netns``); the refusal of a connection that was *not* redirected uses the real lookup here.
 Outbound can only be refused on loopback (its destinations are never loopback), so its mTLS and
-passthrough paths are proved in the namespaces too.
+passthrough paths are proved in the namespaces too; except through a tunnel: a tunnel route's
+connections go to port 15008 of the original destination's address, and here a second stand-in
+says where that is (a real ``hbone`` listener on loopback, ``HboneListener`` in this process). That
+the tunnel really goes to ``<original destination>:15008`` is proved in
+``tests/netns/test_netns_hbone.py``.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,23 +30,30 @@ from typing import Any
 import pytest
 import uvloop
 from prometheus_client import CollectorRegistry
-from support import Backend, CertFactory, CertFiles, client_context, echo_handler, recv_exactly
+from support import TD, Backend, CertFactory, CertFiles, client_context, echo_handler, recv_exactly
 
 from sidecar import transparent
 from sidecar.capture import INBOUND_LISTENER
 from sidecar.config import (
     Address,
+    Hbone,
+    HbonePort,
     InboundMode,
     Limits,
+    Route,
     TLSFiles,
     Transparent,
     TransparentInbound,
     TransparentOutbound,
     TransparentPort,
+    Tunnel,
     Unmatched,
     parse,
+    parse_destination,
 )
 from sidecar.errors import SidecarError
+from sidecar.hbone import events as ev
+from sidecar.hbone.inbound import HboneListener, ServerTunnel
 from sidecar.identity import parse_pattern
 from sidecar.logs import ACCESS
 from sidecar.metrics import DataMetrics
@@ -51,6 +63,7 @@ from sidecar.transparent import CaptureListener, InboundCapture, OutboundCapture
 
 LIMIT = 10.0
 PEER_IP = "10.231.0.7"  # a destination the listeners only see as data: nothing is sent there
+PEER_IP6 = "fd00:231::7"
 
 
 @dataclass
@@ -388,6 +401,199 @@ async def test_outbound_refuses_what_it_must_not_carry(rig: Rig) -> None:
         ("transparent-outbound", "outbound", "denied")
     }
     assert rig.count("transparent-outbound", "denied") == 4
+
+
+# -- outbound through HBONE tunnels: a route with `tunnel: hbone` -----------------------------------
+
+
+@dataclass
+class Tunnelled:
+    """A capture listener whose route tunnels to a real hbone listener, and what that peer saw."""
+
+    capture: OutboundCapture
+    capture_port: int
+    peer: HboneListener
+    requests: list[ev.DialRequested]  # the CONNECTs the peer's tunnels parsed, in order
+
+
+def handshakes(rig: Rig, listener: str) -> float:
+    return rig.registry.get_sample_value("sidecar_handshake_seconds_count", {"listener": listener}) or 0.0
+
+
+def pooled(rig: Rig) -> float:
+    labels = {"listener": "transparent-outbound"}
+    return rig.registry.get_sample_value("sidecar_hbone_pool_connections", labels) or 0.0
+
+
+def tunnel_route(to: str, server_identity: str = f"{TD}/orders") -> Route:
+    dest = parse_destination(to, "to", names=False, port_required=True)
+    return Route(dest, (parse_pattern(server_identity),), None, Tunnel("hbone", None))
+
+
+@contextlib.contextmanager
+def connect_requests() -> Iterator[list[ev.DialRequested]]:
+    """The CONNECT requests every hbone tunnel of this process parses, while inside: a spy on the
+    peer, which still handles each one itself."""
+    seen: list[ev.DialRequested] = []
+    handle = ServerTunnel._on_event
+
+    def spy(self: ServerTunnel, event: ev.Event) -> None:
+        if isinstance(event, ev.DialRequested):
+            seen.append(event)
+        handle(self, event)
+
+    ServerTunnel._on_event = spy  # type: ignore[method-assign]
+    try:
+        yield seen
+    finally:
+        ServerTunnel._on_event = handle  # type: ignore[method-assign]
+
+
+@contextlib.asynccontextmanager
+async def tunnelled(
+    rig: Rig, ports: dict[int, str], routes: tuple[Route, ...], identity: str = "frontend"
+) -> AsyncIterator[Tunnelled]:
+    """The peer: an hbone listener with the ``orders`` certificate letting ``ports[p]`` (an identity)
+    reach 127.0.0.1:p. Us: transparent-outbound with ``routes`` and the ``identity`` certificate,
+    whose tunnels reach that listener (the stand-in for ``<destination address>:15008``)."""
+    orders = rig.ca.leaf("orders")
+    peer_store = TLSStore(TLSFiles(orders.cert, orders.key, rig.ca.ca_file))
+    allow = tuple(HbonePort(port, (parse_pattern(who),)) for port, who in ports.items())
+    peer = HboneListener(
+        Hbone(Address("127.0.0.1", 0), allow), peer_store, Limits(), rig.metrics.for_listener("hbone", "inbound")
+    )
+    mine = rig.ca.leaf(identity)
+    store = TLSStore(TLSFiles(mine.cert, mine.key, rig.ca.ca_file))
+    spec = TransparentOutbound(listen=Address("127.0.0.1", 0), routes=routes, unmatched=Unmatched.DENY)
+    hbone_port: list[int] = []
+    capture = OutboundCapture(
+        spec, store, Limits(), rig.metrics, rig.lookup, upstream=lambda ip: Address("127.0.0.1", hbone_port[0])
+    )
+    await peer_store.load()
+    await store.load()
+    await peer.start()
+    try:
+        assert peer.bound is not None
+        hbone_port.append(peer.bound.port)
+        with connect_requests() as requests:
+            async with serving(capture) as port:
+                yield Tunnelled(capture, port, peer, requests)
+    finally:
+        peer.stop_accepting()
+        await peer.wait_closed()
+
+
+@run
+async def test_a_tunnel_route_carries_captured_connections_as_streams_of_one_tunnel_per_peer_address(
+    rig: Rig,
+) -> None:
+    """Eight captured connections to one address and two to another: ten CONNECT streams on two
+    tunnels (one handshake per peer address, each end), every byte back, each stream asking for
+    its own original destination, the IPv6 one in brackets."""
+    app = Backend(echo_handler)
+    routes = (tunnel_route(f"{PEER_IP}/32:*"), tunnel_route(f"[{PEER_IP6}]:{app.port}"))
+    v4, v6 = (PEER_IP, app.port), (PEER_IP6, app.port)
+    payloads = [os.urandom(100_000 + 4099 * i) for i in range(10)]
+    dsts = [v4] * 8 + [v6] * 2
+    try:
+        async with tunnelled(rig, {app.port: f"{TD}/frontend"}, routes) as t:
+            echoes = await asyncio.gather(
+                *(asyncio.to_thread(plain_call, rig, t.capture_port, d, p) for d, p in zip(dsts, payloads, strict=True))
+            )
+            assert echoes == payloads
+            records = await rig.record(20)  # each stream: ours and the peer's
+            assert (handshakes(rig, "transparent-outbound"), handshakes(rig, "hbone")) == (2, 2)
+            assert pooled(rig) == 2  # a pool per peer address, one tunnel each
+            authorities = sorted(r.authority for r in t.requests)
+            forwarded = {r.forwarded_for for r in t.requests}
+        assert pooled(rig) == 0  # closed with the listener
+    finally:
+        app.close()
+    assert authorities == [f"{PEER_IP}:{app.port}"] * 8 + [f"[{PEER_IP6}]:{app.port}"] * 2
+    assert all(f is not None and f.startswith("127.0.0.1:") for f in forwarded)  # the app's address
+    assert app.accepts == 10
+    ours = [r for r in records if r["listener"] == "transparent-outbound"]
+    assert sorted(r["original_dst"] for r in ours) == sorted(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in dsts)
+    assert {(r["direction"], r["outcome"], r["peer_identity"], r["tls_version"]) for r in ours} == {
+        ("outbound", "ok", f"{TD}/orders", "TLSv1.3")
+    }
+    assert sorted(r["bytes_to_upstream"] for r in ours) == sorted(len(p) for p in payloads)
+    theirs = [r for r in records if r["listener"] == "hbone"]
+    assert {(r["outcome"], r["peer_identity"]) for r in theirs} == {("ok", f"{TD}/frontend")}
+    assert rig.count("transparent-outbound", "ok") == 10
+
+
+@run
+async def test_a_port_the_peer_does_not_let_us_reach_closes_the_app_connection_and_the_tunnel_stays(
+    rig: Rig,
+) -> None:
+    """The peer answers 403 for a port whose ``allow`` does not name us, and for a port it does not
+    list: each app connection is closed, nothing is dialled there, and the tunnel carries the
+    next allowed connection without another handshake."""
+    app, billing_only = Backend(echo_handler), Backend(echo_handler)
+    unlisted = 9  # discard: never in hbone.ports
+    ports = {app.port: f"{TD}/frontend", billing_only.port: f"{TD}/billing"}
+    try:
+        async with tunnelled(rig, ports, (tunnel_route(f"{PEER_IP}/32:*"),)) as t:
+            for port in (billing_only.port, unlisted):
+                assert await asyncio.to_thread(plain_call, rig, t.capture_port, (PEER_IP, port), b"no") == b""
+            answer = await asyncio.to_thread(plain_call, rig, t.capture_port, (PEER_IP, app.port), b"yes")
+            records = await rig.record(6)
+            assert (handshakes(rig, "transparent-outbound"), handshakes(rig, "hbone")) == (1, 1)
+    finally:
+        app.close()
+        billing_only.close()
+    assert answer == b"yes"
+    assert (billing_only.accepts, app.accepts) == (0, 1)
+    ours = [r for r in records if r["listener"] == "transparent-outbound"]
+    assert [(r["outcome"], r["original_dst"]) for r in ours] == [
+        ("upstream_error", f"{PEER_IP}:{billing_only.port}"),
+        ("upstream_error", f"{PEER_IP}:{unlisted}"),
+        ("ok", f"{PEER_IP}:{app.port}"),
+    ]
+    assert all("403" in r["reason"] for r in ours[:2])
+    theirs = [r for r in records if r["listener"] == "hbone"]
+    assert sorted(r["outcome"] for r in theirs) == ["denied", "denied", "ok"]
+    assert [rig.count("transparent-outbound", o) for o in ("ok", "upstream_error")] == [1, 2]
+
+
+@run
+async def test_a_peer_that_is_not_the_routes_server_identity_never_gets_a_stream(rig: Rig) -> None:
+    """The route expects billing; the peer at that address is orders: the tunnel's handshake is
+    refused once, and no CONNECT is ever sent on it."""
+    app = Backend(echo_handler)
+    route = tunnel_route(f"{PEER_IP}/32:*", server_identity=f"{TD}/billing")
+    try:
+        async with tunnelled(rig, {app.port: "*"}, (route,)) as t:
+            assert await asyncio.to_thread(plain_call, rig, t.capture_port, (PEER_IP, app.port), b"x") == b""
+            (record,) = await rig.record(1)
+            assert t.requests == []
+            assert pooled(rig) == 0
+    finally:
+        app.close()
+    assert app.accepts == 0
+    assert (record["listener"], record["outcome"]) == ("transparent-outbound", "upstream_error")
+    assert f"{TD}/orders" in record["reason"] and "server_identity" in record["reason"]
+
+
+@run
+async def test_a_pool_let_go_closes_its_idle_tunnel(rig: Rig) -> None:
+    """With room for one destination address, a second one takes the pool's place: the first
+    pool's idle tunnel is closed at once, and only the second one stays."""
+    app = Backend(echo_handler)
+    kept = transparent.KEPT_DESTINATIONS
+    transparent.KEPT_DESTINATIONS = 1
+    routes = (tunnel_route(f"{PEER_IP}/32:*"), tunnel_route(f"[{PEER_IP6}]:*"))
+    try:
+        async with tunnelled(rig, {app.port: "*"}, routes) as t:
+            assert await asyncio.to_thread(plain_call, rig, t.capture_port, (PEER_IP, app.port), b"one") == b"one"
+            await eventually(lambda: pooled(rig) == 1)
+            assert await asyncio.to_thread(plain_call, rig, t.capture_port, (PEER_IP6, app.port), b"two") == b"two"
+            await eventually(lambda: pooled(rig) == 1 and len(t.peer.tunnels) == 1)
+            assert handshakes(rig, "hbone") == 2
+    finally:
+        transparent.KEPT_DESTINATIONS = kept
+        app.close()
 
 
 # -- the uid ------------------------------------------------------------------------------------

@@ -94,3 +94,50 @@ def test_bad_hbone_sections_name_their_path(hbone: dict[str, Any], message: str)
 def test_the_hbone_name_is_unique_among_listeners() -> None:
     out = {**OUTBOUND, "name": "hbone"}
     assert error({"tls": TLS, "hbone": HBONE, "outbound": [out]}).startswith("hbone.name: 'hbone' is already the name")
+
+
+# -- transparent routes with a tunnel ----------------------------------------------------------------
+
+
+def transparent(route_tunnel: Any) -> dict[str, Any]:
+    route = {"to": "10.0.0.0/8:*", "server_identity": ["spiffe://mesh.local/orders"], "tunnel": route_tunnel}
+    return {"tls": TLS, "transparent": {"uid": 10001, "outbound": {"listen": "127.0.0.1:15001", "routes": [route]}}}
+
+
+def test_a_transparent_route_takes_a_tunnel_without_target_port() -> None:
+    cfg = parse(transparent({"protocol": "hbone"}), base_dir=Path("."))
+    assert cfg.transparent is not None and cfg.transparent.outbound is not None
+    (route,) = cfg.transparent.outbound.routes
+    assert route.tunnel == Tunnel("hbone", None, max_streams=100, idle_timeout=300.0)
+    tuned = parse(transparent({"protocol": "hbone", "max_streams": 5, "idle_timeout": "1m"}), base_dir=Path("."))
+    assert tuned.transparent is not None and tuned.transparent.outbound is not None
+    assert tuned.transparent.outbound.routes[0].tunnel == Tunnel("hbone", None, max_streams=5, idle_timeout=60.0)
+
+
+def test_a_route_without_tunnel_has_none() -> None:
+    data = transparent(None)
+    cfg = parse(data, base_dir=Path("."))
+    assert cfg.transparent is not None and cfg.transparent.outbound is not None
+    assert cfg.transparent.outbound.routes[0].tunnel is None
+
+
+ROUTE = "transparent.outbound.routes[0].tunnel"
+
+
+@pytest.mark.parametrize(
+    ("tunnel", "message"),
+    [
+        ("hbone", f"{ROUTE}: expected a mapping like {{protocol: hbone}}, got 'hbone'"),
+        ({}, f"{ROUTE}.protocol: required"),
+        ({"protocol": "h2c"}, f"{ROUTE}.protocol: expected one of hbone"),
+        (
+            {"protocol": "hbone", "target_port": 8080},
+            f"{ROUTE}.target_port: not on a route: CONNECT asks for the original destination's port",
+        ),
+        ({"protocol": "hbone", "max_streams": 1001}, f"{ROUTE}.max_streams:"),
+        ({"protocol": "hbone", "idle_timeout": "0s"}, f"{ROUTE}.idle_timeout: must be greater than 0"),
+        ({"protocol": "hbone", "port": 15008}, f"{ROUTE}.port: unknown key"),
+    ],
+)
+def test_bad_route_tunnels_name_their_path(tunnel: Any, message: str) -> None:
+    assert error(transparent(tunnel)).startswith(message)

@@ -153,6 +153,22 @@ def test_goaway_retires_and_idle_connections_expire() -> None:
     assert clock.now == 1000.0
 
 
+def test_retire_all_closes_the_idle_now_and_the_busy_with_their_last_stream_and_empty_says_when_done() -> None:
+    p, _ = pool()
+    assert p.empty()
+    busy = connect(p, name="busy")
+    granted(p)
+    idle = connect(p, OTHER, name="idle")
+    assert not p.empty()
+    assert p.retire_all() == [idle]
+    assert busy.retiring and not p.empty()
+    assert p.release(busy) is True and p.empty()
+    got = p.acquire(KEY)  # asked again after all: a dial of its own, and no longer empty meanwhile
+    assert isinstance(got, DialNeeded) and not p.empty()
+    p.dial_abandoned(got.dial)
+    assert p.empty()
+
+
 # -- the asyncio face, with real connection objects -------------------------------------------
 
 
