@@ -5,7 +5,8 @@ the run is warm-up (allocator arenas, caches, the first rotations); over the sec
 least-squares line is fitted, and the growth it predicts across that half must stay within a
 tolerance of max(floor, 10% of the second half's median): 16 descriptors, 8 MiB. A leak grows
 on and on and exceeds it; a process that has settled wanders around a level and does not. With
-fewer than 4 samples in the second half the trend is reported as not judged. At rest, too: two
+fewer than 4 samples in the second half, or a second half shorter than a minute (a run of under two
+minutes is still warming up), the trend is reported as not judged. At rest, too: two
 seconds after the load stopped and closed everything, each process must hold no more than 4
 descriptors more than before the load began (what a leak of sockets or files shows plainest).
 The run passes when the load saw no failed connection, both sidecars logged every connection
@@ -26,6 +27,7 @@ from .soak import SoakRun
 SIDES = ("client", "server")
 TOLERANCES = {"fds": (16.0, 0.10), "rss_kib": (8192.0, 0.10)}  # (floor, fraction of the level)
 MIN_SECOND_HALF = 4
+MIN_SECOND_HALF_SECONDS = 60.0
 REST_FD_SLACK = 4
 UNITS = {"fds": "descriptors", "rss_kib": "KiB"}
 
@@ -55,7 +57,7 @@ def trend(points: list[tuple[float, float]], metric: str) -> dict[str, Any]:
         "first_half_slope_per_min": slope(first) * 60,
         "second_half_slope_per_min": slope(second) * 60,
     }
-    if len(second) < MIN_SECOND_HALF:
+    if len(second) < MIN_SECOND_HALF or second[-1][0] - second[0][0] < MIN_SECOND_HALF_SECONDS:
         return {**out, "judged": False, "ok": True}
     growth = slope(second) * (second[-1][0] - second[0][0])
     tolerance = max(floor, fraction * statistics.median(v for _, v in second))
