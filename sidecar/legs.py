@@ -20,6 +20,7 @@ Legs report lifecycle events to their ``LegOwner`` (the connection driver) and k
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any, Protocol, cast
 
 from .errors import PeerError, TLSFailure
@@ -29,6 +30,24 @@ from .tlsio import TLSEngine
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 LINGER_SECONDS = 2.0
+READ_SIZE = 256 * 1024  # plaintext taken out of OpenSSL per call
+
+
+class Scratch(threading.local):
+    """The buffer every TLS leg of a thread reads plaintext into. What a read produced is consumed
+    before the callback returns (written to the other leg), so one buffer serves every connection.
+    A transport that could not send all of it at once keeps a view of it: that buffer is then the
+    transport's (``lent``), and the thread takes a new one."""
+
+    def __init__(self) -> None:
+        self.plaintext = memoryview(bytearray(READ_SIZE))
+
+    def lent(self, view: memoryview) -> None:
+        if view.obj is self.plaintext.obj:
+            self.plaintext = memoryview(bytearray(READ_SIZE))
+
+
+SCRATCH = Scratch()
 
 
 class LegOwner(Protocol):
@@ -124,11 +143,13 @@ class Leg(asyncio.Protocol):
 
     # -- called by the driver and the other leg ---------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        """Write plaintext toward this leg's far end."""
+    def send(self, data: bytes | memoryview) -> None:
+        """Write plaintext toward this leg's far end (a view: of a buffer reused once this returns)."""
         transport = self.transport
         if transport is not None and not self.lost and not self.write_eof:
             transport.write(data)
+            if type(data) is memoryview and transport.get_write_buffer_size():
+                SCRATCH.lent(data)  # the transport holds on to what it has not sent
 
     def send_eof(self) -> None:
         """End our sending on this leg (TCP FIN)."""
@@ -179,7 +200,7 @@ class Leg(asyncio.Protocol):
     def _before_fin(self) -> None:
         """What must precede our FIN on this leg (a TLS leg's close_notify)."""
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, data: bytes | memoryview) -> None:
         other = self.other
         if other is not None:
             self.received += len(data)
@@ -187,7 +208,7 @@ class Leg(asyncio.Protocol):
         else:
             if self._held is None:
                 self._held = []
-            self._held.append(data)
+            self._held.append(bytes(data))  # a view's buffer is reused
             self._update_reading()
 
     def _end_of_data(self) -> None:
@@ -240,13 +261,17 @@ class TLSLeg(Leg):
             if not self.ready or self.lost or self._lingering:
                 return
         try:
-            plaintext = tls.read()
+            while True:
+                buffer = SCRATCH.plaintext
+                n = tls.read_into(buffer)
+                if n:
+                    self._deliver(buffer[:n])
+                if n < len(buffer) or self.lost:
+                    break
         except TLSFailure as exc:
             self._send_output()
             self.owner.leg_failed(self, exc)
             return
-        if plaintext:
-            self._deliver(plaintext)
         if tls.peer_finished:
             self._send_output()
             self._end_of_data()
@@ -261,7 +286,7 @@ class TLSLeg(Leg):
             return False
         return super().eof_received()
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         transport = self.transport
         if transport is None or self.lost or self.write_eof:
             return

@@ -23,8 +23,6 @@ from .errors import TLSFailure
 from .identity import PeerIdentity, from_peercert
 from .libssl import resume
 
-READ_SIZE = 256 * 1024  # plaintext taken out of OpenSSL per read call
-
 
 @dataclass(frozen=True, slots=True)
 class Negotiated:
@@ -99,18 +97,22 @@ class TLSEngine:
 
     # -- records ------------------------------------------------------------------------------
 
-    def read(self) -> bytes:
-        """All plaintext the fed ciphertext completes (``b""`` if none). Sets ``peer_finished`` on
-        close_notify. Raises ``TLSFailure``."""
+    def read_into(self, buffer: memoryview) -> int:
+        """Plaintext the fed ciphertext completes, written into ``buffer``: how many bytes (0 if
+        none). Fewer than ``len(buffer)`` means all there was; as many means call again. Sets
+        ``peer_finished`` on close_notify. Raises ``TLSFailure``.
+
+        Reading into the caller's buffer, one record at a time, allocates nothing per read: a
+        buffer allocated per read and shrunk to the record made glibc grow and trim its heap."""
         obj, incoming = self._obj, self._in
-        chunks: list[bytes] = []
+        got, size = 0, len(buffer)
         try:
-            while True:
-                chunk = obj.read(READ_SIZE)
-                if not chunk:  # close_notify (CPython returns b"" once we have sent ours too)
+            while got < size:
+                n: int = obj.read(size - got, buffer[got:])  # type: ignore[assignment]  # with a buffer: a count
+                if not n:  # close_notify (CPython raises SSLZeroReturnError once we have sent ours too)
                     self.peer_finished = True
                     break
-                chunks.append(chunk)
+                got += n
                 if not incoming.pending and not obj.pending():
                     break  # all consumed: skip the read that would only raise SSLWantReadError
         except ssl.SSLWantReadError:
@@ -119,11 +121,9 @@ class TLSEngine:
             self.peer_finished = True
         except ssl.SSLError as exc:
             raise failure(exc) from None
-        if not chunks:
-            return b""
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return got
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Encrypt ``data`` into ``output``. Raises ``TLSFailure``."""
         try:
             self._obj.write(data)
