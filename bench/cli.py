@@ -16,7 +16,7 @@ from pathlib import Path
 from . import report, tools
 from .pairs import PAIRS, Baseline
 from .procs import BenchError, Procs, sigterm_as_interrupt
-from .runner import Bench, Settings, require_tools
+from .runner import WORKLOADS, Bench, Settings, require_tools
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_PAIRS = ("direct", "sidecar", "stunnel", "haproxy", "nginx")
@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrk + iperf3, or the pure-Python client (auto: tools, except python for --quick)",
     )
     p.add_argument("--no-resume", action="store_true", help="skip the peers' resumption-on variants")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start every pair anew for each workload (default: one pair per repetition, workloads in turn)",
+    )
+    p.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
     p.add_argument("--threads", type=int, help="wrk threads (default 1)")
     p.add_argument("--connections", type=int, help="keep-alive connections (default 32)")
     p.add_argument("--new-connections", type=int, help="concurrent connections for the new-connection load (16)")
@@ -97,7 +103,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if getattr(args, "baseline", None) and "sidecar" in pairs:
         at = pairs.index("sidecar") + 1
         pairs = (*pairs[:at], "baseline", *pairs[at:])
-    s = Settings(pairs=pairs, load=load, resume=not args.no_resume, quick=args.quick)
+    workloads = WORKLOADS
+    if getattr(args, "workloads", None):
+        workloads = tuple(x.strip() for x in args.workloads.split(",") if x.strip())
+        if unknown := [x for x in workloads if x not in WORKLOADS]:
+            raise BenchError(f"--workloads: unknown {', '.join(unknown)} (known: {', '.join(WORKLOADS)})")
+    s = Settings(
+        pairs=pairs,
+        load=load,
+        resume=not args.no_resume,
+        quick=args.quick,
+        fresh=getattr(args, "fresh", False),
+        workloads=workloads,
+    )
     if args.quick:
         s = replace(
             s,

@@ -238,6 +238,17 @@ def metric_tables(results: dict[str, Any], *, spread: bool = True) -> list[str]:
     return lines
 
 
+def sample_table(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for pair, p in results["pairs"].items():
+        summary = p.get("summary", {})
+        for key in PERFORMANCE + COST:
+            if key in summary:
+                m = BY_KEY[key]
+                rows.append([f"`{pair}`", f"{m.title} {m.unit}", " ".join(fmt(v) for v in summary[key]["samples"])])
+    return _table(["pair", "metric", "samples"], rows)
+
+
 def ratio_tables(results: dict[str, Any]) -> list[str]:
     r = results["ratios"]
     lines = ["**Against `direct`** (median ÷ direct's median; throughput: higher is better, latency: lower):", ""]
@@ -283,7 +294,9 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
         f"backend), {m['memory_gib']} GiB, {m['os']}, Linux {m['kernel']}.",
         "",
         f"Method: {_n(s['reps'], 'repetition')}; in each, every pair in turn (order rotated per repetition), "
-        f"{s['duration']:g} s per workload. Load: {_load_text(results)}. Medians with min-max. "
+        f"{s['duration']:g} s per workload"
+        + (", each workload on a pair started for it alone" if s.get("fresh") else "")
+        + f". Load: {_load_text(results)}. Medians with min-max. "
         "Topology: load generator → client-side proxy (plain in, TLS 1.3 mTLS out) → server-side proxy "
         "(client certificate required and verified, plain out) → backend, all on 127.0.0.1, one EC P-256 CA. "
         + _workers_text(s.get("workers", 1))
@@ -312,6 +325,8 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
     if any(p.get("resume_status") == "n/a" for p in results["pairs"].values()):
         lines[-2:-1] = ["¹ this pair cannot resume sessions: every connection is a full handshake."]
     lines += ratio_tables(results)
+    lines += ["", "**Every sample**, in the order taken (what a median hides shows here):", ""]
+    lines += sample_table(results)
     lines += ["", "**Checks before measuring, and the negotiated middle hop:**", ""]
     rows = []
     for pair, p in results["pairs"].items():

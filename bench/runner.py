@@ -2,7 +2,10 @@
 checked, measured workload by workload, and stopped.
 
 A variant is a pair with client-side resumption off (all workloads) or on (new connections only:
-resumption changes nothing else). Samples land in ``samples[pair][metric]``, one value per
+resumption changes nothing else). With ``fresh`` every workload of a variant gets a pair started for
+it alone (checked the first time), so no workload runs on processes another one warmed: a state a
+process falls into (its heap, its caches) shows as a spread of samples instead of hiding in a
+median. Samples land in ``samples[pair][metric]``, one value per
 repetition; resumed-variant metrics carry the ``rs_`` prefix. CPU is the pair's processes'
 user + system time over the workload, divided by what the workload moved.
 """
@@ -44,6 +47,8 @@ class Settings:
     workers: int = 1  # per proxy process (sidecar, nginx, HAProxy)
     settle: float = 0.3  # after a workload: let connections close and access records be written
     idle_hold: float = 1.0  # how long idle connections are held before memory is read
+    fresh: bool = False  # a newly started pair for every workload, not one pair per repetition
+    workloads: tuple[str, ...] = WORKLOADS
 
 
 @dataclass(frozen=True)
@@ -83,9 +88,10 @@ class Bench:
             if not pair.available(self.tools):
                 self.info[name] = {"status": "skipped", "reason": f"{pair.tool} is not installed"}
                 continue
-            workloads = WORKLOADS if pair.proxied else WORKLOADS[1:]
-            variants.append(Variant(pair, False, workloads))
-            if not (self.settings.resume and pair.proxied):
+            workloads = tuple(w for w in self.settings.workloads if pair.proxied or w != "idle")
+            if workloads:
+                variants.append(Variant(pair, False, workloads))
+            if not (self.settings.resume and pair.proxied and "newconn" in workloads):
                 continue
             if pair.resumption:
                 variants.append(Variant(pair, True, ("newconn",)))
@@ -118,7 +124,7 @@ class Bench:
         info = self.info.setdefault(v.key, {"status": "measured", "checks": [], "errors": [], "notes": []})
         if info["status"] == "failed":
             return
-        run: Running | None = None
+        runs: list[Running] = []
         try:
             if rep == 0 and v.pair.verbose_for_cipher:
                 # This proxy names the suite only at a costly log level: read it from a separate,
@@ -129,12 +135,16 @@ class Bench:
                 finally:
                     for proc in verbose.procs:
                         self.procs.stop(proc)
-            run = v.pair.start(ctx, resume=v.resume)
-            seen = checks.check(run, ctx.certs)
-            info["checks"].append(seen)
-            if seen.get("negotiated", {}).get("suite"):
-                info["negotiated"] = seen["negotiated"]
+            run: Running | None = None
             for workload in v.workloads:
+                if run is None:
+                    run = v.pair.start(ctx, resume=v.resume)
+                    runs.append(run)
+                    if len(info["checks"]) <= rep:  # once per repetition
+                        seen = checks.check(run, ctx.certs)
+                        info["checks"].append(seen)
+                        if seen.get("negotiated", {}).get("suite"):
+                            info["negotiated"] = seen["negotiated"]
                 meter = BackgroundMeter()
                 meter.start()
                 values = self.measure(ctx, run, workload, info)
@@ -148,6 +158,10 @@ class Bench:
                 _progress(rep, self.settings.reps, v.key, workload, values_shown)
                 if dead := run.dead():
                     raise BenchError("; ".join(dead))
+                if self.settings.fresh:
+                    runs.remove(run)
+                    self._stop(run)
+                    run = None
         except CheckFailed as exc:
             info["status"] = "failed"
             info["errors"].append(f"check: {exc}")
@@ -158,9 +172,12 @@ class Bench:
             self.failures.append(f"{v.key} (repetition {rep + 1}): {exc}")
             print(f"bench: {v.key}: {exc}", file=sys.stderr)
         finally:
-            if run is not None:
-                for proc in run.procs:
-                    self.procs.stop(proc)
+            for started in runs:
+                self._stop(started)
+
+    def _stop(self, run: Running) -> None:
+        for proc in run.procs:
+            self.procs.stop(proc)
 
     def measure(self, ctx: Ctx, run: Running, workload: str, info: dict[str, Any]) -> dict[str, float]:
         """Run one workload against a started pair; its figures (and CPU of the pair's processes)."""
