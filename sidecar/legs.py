@@ -30,7 +30,8 @@ from .tlsio import TLSEngine
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 LINGER_SECONDS = 2.0
-READ_SIZE = 256 * 1024  # plaintext taken out of OpenSSL per call
+READ_SIZE = 256 * 1024  # plaintext taken out of OpenSSL per call into the reused buffer
+SMALL_READ = 32 * 1024  # up to this much ciphertext, plaintext is read into a bytes object of its size
 
 
 class Scratch(threading.local):
@@ -261,13 +262,17 @@ class TLSLeg(Leg):
             if not self.ready or self.lost or self._lingering:
                 return
         try:
-            while True:
-                buffer = SCRATCH.plaintext
-                n = tls.read_into(buffer)
-                if n:
-                    self._deliver(buffer[:n])
-                if n < len(buffer) or self.lost:
-                    break
+            if tls.unread <= SMALL_READ:
+                if plaintext := tls.read():
+                    self._deliver(plaintext)
+            else:
+                while True:
+                    buffer = SCRATCH.plaintext
+                    n = tls.read_into(buffer)
+                    if n:
+                        self._deliver(buffer[:n])
+                    if n < len(buffer) or self.lost:
+                        break
         except TLSFailure as exc:
             self._send_output()
             self.owner.leg_failed(self, exc)

@@ -97,19 +97,47 @@ class TLSEngine:
 
     # -- records ------------------------------------------------------------------------------
 
+    @property
+    def unread(self) -> int:
+        """Ciphertext fed and not yet read: the plaintext it holds is at most this long."""
+        return self._in.pending
+
+    def read(self) -> bytes:
+        """All plaintext the fed ciphertext completes (``b""`` if none), in a bytes object sized
+        to it: for small reads (see ``read_into``). Sets ``peer_finished`` on close_notify.
+        Raises ``TLSFailure``."""
+        chunks: list[bytes] = []
+        incoming, obj = self._in, self._obj
+        try:
+            while size := incoming.pending + obj.pending():
+                chunk = obj.read(size)
+                if not chunk:  # close_notify (CPython raises SSLZeroReturnError once we have sent ours too)
+                    self.peer_finished = True
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            self.peer_finished = True
+        except ssl.SSLError as exc:
+            raise failure(exc) from None
+        if not chunks:
+            return b""
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def read_into(self, buffer: memoryview) -> int:
         """Plaintext the fed ciphertext completes, written into ``buffer``: how many bytes (0 if
         none). Fewer than ``len(buffer)`` means all there was; as many means call again. Sets
         ``peer_finished`` on close_notify. Raises ``TLSFailure``.
 
-        Reading into the caller's buffer, one record at a time, allocates nothing per read: a
-        buffer allocated per read and shrunk to the record made glibc grow and trim its heap."""
+        For large reads: a fresh buffer of a few hundred KiB per read made glibc grow and trim its
+        heap around every one; this allocates nothing. For a small read ``read`` is cheaper."""
         obj, incoming = self._obj, self._in
         got, size = 0, len(buffer)
         try:
             while got < size:
                 n: int = obj.read(size - got, buffer[got:])  # type: ignore[assignment]  # with a buffer: a count
-                if not n:  # close_notify (CPython raises SSLZeroReturnError once we have sent ours too)
+                if not n:
                     self.peer_finished = True
                     break
                 got += n
