@@ -16,7 +16,7 @@ from pathlib import Path
 from . import report, tools
 from .pairs import PAIRS, Baseline
 from .procs import BenchError, Procs, sigterm_as_interrupt
-from .runner import WORKLOADS, Bench, Settings, require_tools
+from .runner import ALL_WORKLOADS, WORKLOADS, Bench, Settings, require_tools
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_PAIRS = ("direct", "sidecar", "stunnel", "haproxy", "nginx")
@@ -56,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start every pair anew for each workload (default: one pair per repetition, workloads in turn)",
     )
-    p.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all)")
+    p.add_argument(
+        "--workloads",
+        help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} (default: all but scaling, which takes minutes)",
+    )
+    p.add_argument(
+        "--scaling",
+        metavar="N,N,...",
+        help="connections per level of the scaling workload (default 100,1000,5000,10000)",
+    )
     p.add_argument("--threads", type=int, help="wrk threads (default 1)")
     p.add_argument("--connections", type=int, help="keep-alive connections (default 32)")
     p.add_argument("--new-connections", type=int, help="concurrent connections for the new-connection load (16)")
@@ -106,8 +114,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     workloads = WORKLOADS
     if getattr(args, "workloads", None):
         workloads = tuple(x.strip() for x in args.workloads.split(",") if x.strip())
-        if unknown := [x for x in workloads if x not in WORKLOADS]:
-            raise BenchError(f"--workloads: unknown {', '.join(unknown)} (known: {', '.join(WORKLOADS)})")
+        if unknown := [x for x in workloads if x not in ALL_WORKLOADS]:
+            raise BenchError(f"--workloads: unknown {', '.join(unknown)} (known: {', '.join(ALL_WORKLOADS)})")
     s = Settings(
         pairs=pairs,
         load=load,
@@ -139,6 +147,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "workers": args.workers,
     }
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
+    if getattr(args, "scaling", None):
+        try:
+            levels = tuple(int(x) for x in args.scaling.split(",") if x.strip())
+        except ValueError:
+            raise BenchError(f"--scaling: not a list of numbers: {args.scaling}") from None
+        if not levels or min(levels) < 1:
+            raise BenchError("--scaling: give one or more positive numbers of connections")
+        s = replace(s, scaling=levels)
     if s.reps < 1 or s.duration <= 0 or s.workers < 1:
         raise BenchError("--reps, --duration and --workers must be positive")
     return s

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -78,7 +79,10 @@ def wrk(
     close: bool,
     env: dict[str, str],
     headers: tuple[str, ...] = (),
+    during: Callable[[], None] | None = None,
 ) -> HTTPResult:
+    """wrk's figures; ``during`` (if given) is called once, two thirds into the run, while every
+    connection is open."""
     script = procs.tmp / "wrk-report.lua"
     if not script.exists():
         script.write_text(WRK_SCRIPT)
@@ -87,8 +91,20 @@ def wrk(
     for header in (*headers, *(("Connection: close",) if close else ())):
         argv += ["-H", header]
     argv.append(url)
-    code, out = procs.run("wrk", argv, timeout=duration + 60, env=env)
-    return parse_wrk(out, code)
+    if during is None:
+        code, out = procs.run("wrk", argv, timeout=duration + 60, env=env)
+        return parse_wrk(out, code)
+    proc = procs.start("wrk", argv, env=env)
+    try:
+        time.sleep(max(1, round(duration)) * 2 / 3)
+        if proc.alive():
+            during()
+        code = proc.popen.wait(duration + 60)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish within {duration + 60:.0f}s:\n{proc.tail()}") from None
+    finally:
+        procs.stop(proc)
+    return parse_wrk(proc.log_text(), code)
 
 
 def parse_wrk(out: str, code: int = 0) -> HTTPResult:

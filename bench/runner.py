@@ -26,6 +26,9 @@ from .procs import BackgroundMeter, BenchError, Procs, cpu_seconds, raise_fd_lim
 from .tools import DEB_PACKAGES, Tools
 
 WORKLOADS = ("idle", "keepalive", "newconn", "bulk_up", "bulk_down")
+# Not in a default run (a few minutes per pair): keep-alive load at growing numbers of connections.
+ALL_WORKLOADS = (*WORKLOADS, "scaling")
+SCALING = (100, 1000, 5000, 10000)
 MAX_ERROR_FRACTION = 0.01
 
 
@@ -49,6 +52,7 @@ class Settings:
     idle_hold: float = 1.0  # how long idle connections are held before memory is read
     fresh: bool = False  # a newly started pair for every workload, not one pair per repetition
     workloads: tuple[str, ...] = WORKLOADS
+    scaling: tuple[int, ...] = SCALING  # concurrent keep-alive connections, one wrk run each
 
 
 @dataclass(frozen=True)
@@ -191,6 +195,8 @@ class Bench:
             if res.failed:
                 raise BenchError(f"{res.failed} of {s.idle_connections} idle connections failed")
             return {"idle_kb": res.kib_per_connection}
+        if workload == "scaling":
+            return self.scaling(ctx, run, info)
         offset = run.log_offset()
         cpu0 = cpu_seconds(pids)
         out: dict[str, float] = {}
@@ -244,6 +250,45 @@ class Bench:
             if run.procs and bulk.bytes:
                 out[f"{p}_cpu"] = cpu / (bulk.bytes / 1e9)
         time.sleep(s.settle)
+        return out
+
+    def scaling_levels(self, ctx: Ctx) -> list[int]:
+        """The levels that fit: a proxy holds two sockets per proxied connection, and no process
+        here may open more than the hard limit of files (raising it needs a capability)."""
+        most = (ctx.fd_limit - 200) // 2
+        return sorted({min(n, most) for n in self.settings.scaling})
+
+    def scaling(self, ctx: Ctx, run: Running, info: dict[str, Any]) -> dict[str, float]:
+        """Keep-alive load at each level; RSS per connection read while all of them are open. Each
+        run is longer by a second per thousand connections: wrk opens them all first (a full
+        handshake each on the middle hop), and that ramp is part of the run."""
+        s = self.settings
+        if s.load != "tools":
+            raise BenchError("scaling needs wrk (--load tools)")
+        out: dict[str, float] = {}
+        for n in self.scaling_levels(ctx):
+            before = rss_kib(run.pids())
+            held: list[int] = []
+            http = load.wrk(
+                self.procs,
+                ctx.tools.path("wrk"),
+                f"http://{run.host}:{run.http_port}/",
+                threads=s.threads,
+                connections=n,
+                duration=s.duration + n / 1000,
+                close=False,
+                env=ctx.env,
+                during=lambda held=held: held.append(rss_kib(run.pids())),  # type: ignore[misc]
+            )
+            if http.errors > MAX_ERROR_FRACTION * max(1, http.requests):
+                info["notes"].append(f"scaling, {n} connections: {http.errors} errors in {http.requests} requests")
+                continue
+            out[f"sc_rate_{n}"] = http.rate
+            out[f"sc_p50_ms_{n}"] = http.p50_ms
+            out[f"sc_p99_ms_{n}"] = http.p99_ms
+            if run.procs and held:
+                out[f"sc_kb_{n}"] = (held[0] - before) / n
+            time.sleep(s.settle + n / 5000)  # let the connections close
         return out
 
 
