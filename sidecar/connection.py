@@ -135,6 +135,7 @@ class Connection:
             elif isinstance(action, Close):
                 self._close(action.abort)
             elif isinstance(action, Handshook):
+                self._disarm(Timer.HANDSHAKE)  # else it stays armed, and in memory, for handshake_timeout
                 self.listener.metrics.handshook(action.seconds, action.failure)
             elif isinstance(action, Finish):
                 up = self.up
@@ -153,10 +154,13 @@ class Connection:
     def _arm(self, timer: Timer, seconds: float) -> None:
         if not self.relay.open:
             return  # the connection ended while the actions that armed it ran
-        old = self._timers.pop(timer, None)
-        if old is not None:
-            old.cancel()
+        self._disarm(timer)
         self._timers[timer] = self.loop.call_later(seconds, self._fire, timer)
+
+    def _disarm(self, timer: Timer) -> None:
+        handle = self._timers.pop(timer, None)
+        if handle is not None:
+            handle.cancel()
 
     def _fire(self, timer: Timer) -> None:
         self._timers.pop(timer, None)

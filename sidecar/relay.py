@@ -137,7 +137,7 @@ class Close:
 @dataclass(frozen=True, slots=True)
 class Handshook:
     """A handshake ended: ``seconds`` when it completed, ``failure`` (a ``tlserrors`` reason) when
-    it failed or its result was refused as such (both may be set)."""
+    it failed or its result was refused as such (both may be set). Its timer is no longer needed."""
 
     seconds: float | None = None
     failure: str | None = None
@@ -205,7 +205,7 @@ class Relay:
         self.reason: str | None = None
         self.handshake_error: str | None = None
         self.negotiated: Negotiated | None = None
-        self._eofs: set[Side] = set()
+        self._eofs: frozenset[Side] = frozenset()  # the empty one is shared: nothing per connection
         self._handshake_started = now
         self._moved = 0  # bytes moved both ways when the idle timer last looked
         self._active_at = now
@@ -272,7 +272,7 @@ class Relay:
 
     def eof(self, side: Side) -> list[Action]:
         """``side``'s far end finished sending; the legs pass it on themselves once streaming."""
-        self._eofs.add(side)
+        self._eofs |= {side}
         if self.streaming and len(self._eofs) == 2:
             return self._close(Event.EOF, Outcome.OK, None)  # both directions are done
         return self._go(Event.EOF, 0.0)
