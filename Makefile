@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint unit bench bench-deps profile test-compose clean
+.PHONY: venv demo test lint unit bench bench-deps profile test-compose compile uncompile test-compiled clean
 
 venv: $(STAMP)
 
@@ -38,8 +38,27 @@ bench: venv
 profile: venv
 	$(PY) -m bench --profile
 
+# The hot path compiled to C with mypyc (needs a C compiler and Python's headers); pure Python is
+# what runs without it. `make uncompile` goes back to pure Python.
+COMPILED := sidecar/relay.py sidecar/legs.py sidecar/tlsio.py sidecar/identity.py
+
+compile: venv
+	$(VENV)/bin/mypyc $(COMPILED)
+	rm -rf build
+
+uncompile:
+	rm -f sidecar/*.so *__mypyc*.so
+	rm -rf build .mypyc
+
+# The tests of the compiled modules, run against the compiled build.
+test-compiled: compile
+	$(PY) -c "import sidecar.relay as m; assert m.__file__.endswith('.so'), m.__file__"
+	$(PY) -m pytest -p no:cacheprovider tests/unit/test_relay.py tests/unit/test_identity.py \
+		tests/integration/test_legs.py tests/integration/test_integrity.py tests/integration/test_limits.py; \
+		status=$$?; $(MAKE) uncompile; exit $$status
+
 test-compose: venv
 	bash scripts/compose-test.sh
 
-clean:
+clean: uncompile
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

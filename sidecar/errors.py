@@ -44,3 +44,7 @@ class PeerError(Exception):
 
 class TLSFailure(PeerError):
     """OpenSSL refused what the peer sent (or what it sent in answer to us)."""
+
+
+class RelayBug(RuntimeError):
+    """An event arrived that the relay's current state does not allow: a bug in its driver."""

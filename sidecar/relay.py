@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from .config import Address
-from .errors import PeerError, TLSFailure
+from .errors import PeerError, RelayBug, TLSFailure
 from .identity import PeerIdentity
 from .record import Direction, Outcome, Record
 from .tlsio import Negotiated
@@ -94,10 +94,6 @@ TRANSITIONS: dict[State, dict[Event, State | None]] = {
     },
     State.CLOSED: {Event.LOST: State.CLOSED, Event.DIALLED: State.CLOSED, Event.DIAL_FAILED: State.CLOSED},
 }
-
-
-class RelayBug(RuntimeError):
-    """An event arrived that the current state does not allow: a bug in the driver."""
 
 
 # -- actions: what the driver must do, in order ------------------------------------------------

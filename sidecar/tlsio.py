@@ -17,6 +17,7 @@ import contextlib
 import functools
 import ssl
 from dataclasses import dataclass
+from typing import Any
 
 from . import tlserrors
 from .errors import TLSFailure
@@ -133,10 +134,11 @@ class TLSEngine:
         For large reads: a fresh buffer of a few hundred KiB per read made glibc grow and trim its
         heap around every one; this allocates nothing. For a small read ``read`` is cheaper."""
         obj, incoming = self._obj, self._in
+        read_into: Any = obj.read  # with a buffer it returns a count (typeshed says bytes)
         got, size = 0, len(buffer)
         try:
             while got < size:
-                n: int = obj.read(size - got, buffer[got:])  # type: ignore[assignment]  # with a buffer: a count
+                n: int = read_into(size - got, buffer[got:])
                 if not n:
                     self.peer_finished = True
                     break
