@@ -391,5 +391,6 @@ class Relay:
 
     def _idle_step(self, left: float) -> float:
         """The idle timer looks every quarter of ``idle_timeout`` (every second at least apart), and
-        at the deadline: a connection closes within 1.25 x ``idle_timeout`` of its last byte."""
+        at the deadline: a connection closes within 1.25 x ``idle_timeout`` of its last byte (plus
+        up to a second: the driver checks the deadlines once a second)."""
         return min(left, max(self.idle_timeout / 4, 1.0))
