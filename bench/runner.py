@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,16 +205,7 @@ class Bench:
             close = workload == "newconn"
             conns = s.nc_connections if close else s.ka_connections
             if tools_load:
-                http = load.wrk(
-                    self.procs,
-                    ctx.tools.path("wrk"),
-                    f"http://127.0.0.1:{run.http_port}/",
-                    threads=s.threads,
-                    connections=conns,
-                    duration=s.duration,
-                    close=close,
-                    env=ctx.env,
-                )
+                http = self._wrk(ctx, run, conns, s.duration, close=close)
             else:
                 http = load.py_http(run.http_port, connections=conns, duration=s.duration, close=close)
             cpu = cpu_seconds(pids) - cpu0
@@ -252,6 +244,28 @@ class Bench:
         time.sleep(s.settle)
         return out
 
+    def _wrk(
+        self,
+        ctx: Ctx,
+        run: Running,
+        connections: int,
+        duration: float,
+        *,
+        close: bool,
+        during: Callable[[], None] | None = None,
+    ) -> load.HTTPResult:
+        return load.wrk(
+            self.procs,
+            ctx.tools.path("wrk"),
+            f"http://{run.host}:{run.http_port}/",
+            threads=self.settings.threads,
+            connections=connections,
+            duration=duration,
+            close=close,
+            env=ctx.env,
+            during=during,
+        )
+
     def scaling_levels(self, ctx: Ctx) -> list[int]:
         """The levels that fit: a proxy holds two sockets per proxied connection, and no process
         here may open more than the hard limit of files (raising it needs a capability)."""
@@ -269,17 +283,11 @@ class Bench:
         for n in self.scaling_levels(ctx):
             before = rss_kib(run.pids())
             held: list[int] = []
-            http = load.wrk(
-                self.procs,
-                ctx.tools.path("wrk"),
-                f"http://{run.host}:{run.http_port}/",
-                threads=s.threads,
-                connections=n,
-                duration=s.duration + n / 1000,
-                close=False,
-                env=ctx.env,
-                during=lambda held=held: held.append(rss_kib(run.pids())),  # type: ignore[misc]
-            )
+
+            def probe(held: list[int] = held) -> None:
+                held.append(rss_kib(run.pids()))
+
+            http = self._wrk(ctx, run, n, s.duration + n / 1000, close=False, during=probe)
             if http.errors > MAX_ERROR_FRACTION * max(1, http.requests):
                 info["notes"].append(f"scaling, {n} connections: {http.errors} errors in {http.requests} requests")
                 continue

@@ -278,6 +278,20 @@ def test_parse_server_logs() -> None:
     ]
 
 
+def imported_from(env: dict[str, str], cwd: Path) -> Path:
+    """Where ``python -m``'s process started with this environment and folder imports sidecar from."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import sidecar; print(sidecar.__file__)"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    return Path(out).resolve()
+
+
 def test_baseline_pair_runs_the_exported_code_not_the_working_tree(tmp_path: Path) -> None:
     # started from the repository (as `python -m bench` is), `python -m` would put the working tree
     # first on the path: the baseline must import the package exported from git
@@ -285,26 +299,11 @@ def test_baseline_pair_runs_the_exported_code_not_the_working_tree(tmp_path: Pat
 
     code = export_sidecar("HEAD", tmp_path)
     base = pairs.Baseline(code)
-    out = subprocess.run(
-        [sys.executable, "-c", "import sidecar; print(sidecar.__file__)"],
-        env=base.env_for({k: v for k, v in os.environ.items() if k != "PYTHONPATH"}),
-        cwd=base.cwd() or ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
-    assert Path(out).resolve().is_relative_to(code.resolve()), out
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert imported_from(base.env_for(env), base.cwd() or ROOT).is_relative_to(code.resolve())
     plain = pairs.Sidecar()
-    here = subprocess.run(
-        [sys.executable, "-c", "import sidecar; print(sidecar.__file__)"],
-        cwd=plain.cwd() or ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
-    assert Path(here).resolve().is_relative_to(ROOT), here
+    here = imported_from(env, plain.cwd() or ROOT)
+    assert here.is_relative_to(ROOT), here
 
 
 def test_fresh_mode_starts_a_pair_per_workload_and_shows_every_sample(tmp_path: Path) -> None:
