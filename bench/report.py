@@ -37,6 +37,7 @@ METRICS = [
     Metric("ka_rate", "keep-alive", "req/s", True, True),
     Metric("ka_p50_ms", "keep-alive p50", "ms", False, True),
     Metric("ka_p99_ms", "keep-alive p99", "ms", False, True),
+    Metric("ka_p999_ms", "keep-alive p99.9", "ms", False, True),
     Metric("nc_rate", "new conns, full handshake", "conn/s", True, True),
     Metric("nc_p99_ms", "new conns p99", "ms", False, True),
     Metric("rs_nc_rate", "new conns, resumed", "conn/s", True, True),
@@ -49,7 +50,7 @@ METRICS = [
     Metric("rs_nc_cpu", "CPU resumed", "ms/conn", False),
 ]
 BY_KEY = {m.key: m for m in METRICS}
-PERFORMANCE = ["up_gbps", "down_gbps", "ka_rate", "ka_p50_ms", "ka_p99_ms", "nc_rate", "nc_p99_ms"]
+PERFORMANCE = ["up_gbps", "down_gbps", "ka_rate", "ka_p50_ms", "ka_p99_ms", "ka_p999_ms", "nc_rate", "nc_p99_ms"]
 PERFORMANCE += ["rs_nc_rate", "rs_nc_p99_ms", "idle_kb"]
 COST = ["up_cpu", "down_cpu", "ka_cpu", "nc_cpu", "rs_nc_cpu"]
 CHART_THROUGHPUT = ["up_gbps", "down_gbps", "ka_rate", "nc_rate", "rs_nc_rate"]

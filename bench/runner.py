@@ -217,6 +217,8 @@ class Bench:
                 info["notes"].append(f"{workload}: {http.errors} errors in {http.requests} requests")
             p = "nc" if close else "ka"
             out = {f"{p}_rate": http.rate, f"{p}_p50_ms": http.p50_ms, f"{p}_p99_ms": http.p99_ms}
+            if http.p999_ms is not None:
+                out[f"{p}_p999_ms"] = http.p999_ms
             if run.procs:
                 out[f"{p}_cpu"] = cpu / http.requests * (1e3 if close else 1e6)  # ms per conn, µs per request
             if close and run.parse is not None:
