@@ -116,12 +116,8 @@ class TLSEngine:
                     self.peer_finished = True
                     break
                 chunks.append(chunk)
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLZeroReturnError:
-            self.peer_finished = True
         except ssl.SSLError as exc:
-            raise failure(exc) from None
+            self._stopped_reading(exc)
         if not chunks:
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -145,13 +141,19 @@ class TLSEngine:
                 got += n
                 if not incoming.pending and not obj.pending():
                     break  # all consumed: skip the read that would only raise SSLWantReadError
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLZeroReturnError:
-            self.peer_finished = True
         except ssl.SSLError as exc:
-            raise failure(exc) from None
+            self._stopped_reading(exc)
         return got
+
+    def _stopped_reading(self, exc: ssl.SSLError) -> None:
+        """Why a read stopped: more ciphertext is needed, the peer sent close_notify (CPython
+        raises this once we have sent ours too), or a failure (raised as ``TLSFailure``)."""
+        if isinstance(exc, ssl.SSLWantReadError):
+            return
+        if isinstance(exc, ssl.SSLZeroReturnError):
+            self.peer_finished = True
+            return
+        raise failure(exc) from None
 
     def write(self, data: bytes | memoryview) -> None:
         """Encrypt ``data`` into ``output``. Raises ``TLSFailure``."""
