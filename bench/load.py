@@ -81,14 +81,16 @@ def wrk(
     env: dict[str, str],
     headers: tuple[str, ...] = (),
     during: Callable[[], None] | None = None,
+    during_at: float = 2 / 3,
+    timeout: float = 5.0,
 ) -> HTTPResult:
-    """wrk's figures; ``during`` (if given) is called once, two thirds into the run, while every
-    connection is open."""
+    """wrk's figures; ``during`` (if given) is called once, ``during_at`` into the run (a share of
+    it), while the connections are open. A response slower than ``timeout`` counts as an error."""
     script = procs.tmp / "wrk-report.lua"
     if not script.exists():
         script.write_text(WRK_SCRIPT)
     argv = [wrk_path, "-t", str(max(1, min(threads, connections))), "-c", str(connections)]
-    argv += ["-d", f"{max(1, round(duration))}s", "--timeout", "5s", "-s", str(script)]
+    argv += ["-d", f"{max(1, round(duration))}s", "--timeout", f"{timeout:g}s", "-s", str(script)]
     for header in (*headers, *(("Connection: close",) if close else ())):
         argv += ["-H", header]
     argv.append(url)
@@ -97,7 +99,7 @@ def wrk(
         return parse_wrk(out, code)
     proc = procs.start("wrk", argv, env=env)
     try:
-        time.sleep(max(1, round(duration)) * 2 / 3)
+        time.sleep(max(1, round(duration)) * during_at)
         if proc.alive():
             during()
         code = proc.popen.wait(duration + 60)

@@ -422,8 +422,10 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
     lines += [f"- {k}: {v}" for k, v in versions.items()]
     if results["failures"]:
         lines += ["", "**Failures:**", ""] + [f"- {f}" for f in results["failures"]]
-    if results["notes"]:
-        lines += ["", "**Notes:**", ""] + [f"- {n}" for n in results["notes"]]
+    notes = list(results["notes"])
+    notes += [f"`{pair}`: {n}" for pair, p in results["pairs"].items() for n in p.get("notes", [])]
+    if notes:
+        lines += ["", "**Notes:**", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 

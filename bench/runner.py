@@ -30,6 +30,7 @@ WORKLOADS = ("idle", "keepalive", "newconn", "bulk_up", "bulk_down")
 # Not in a default run (a few minutes per pair): keep-alive load at growing numbers of connections.
 ALL_WORKLOADS = (*WORKLOADS, "scaling")
 SCALING = (100, 1000, 5000, 10000)
+SCALING_TIMEOUT = 30.0  # seconds: a connection's first response waits for the pair's queue of handshakes
 MAX_ERROR_FRACTION = 0.01
 
 
@@ -255,6 +256,7 @@ class Bench:
         *,
         close: bool,
         during: Callable[[], None] | None = None,
+        timeout: float = 5.0,
     ) -> load.HTTPResult:
         return load.wrk(
             self.procs,
@@ -266,6 +268,8 @@ class Bench:
             close=close,
             env=ctx.env,
             during=during,
+            during_at=0.9,
+            timeout=timeout,
         )
 
     def scaling_levels(self, ctx: Ctx) -> list[int]:
@@ -275,9 +279,10 @@ class Bench:
         return sorted({min(n, most) for n in self.settings.scaling})
 
     def scaling(self, ctx: Ctx, run: Running, info: dict[str, Any]) -> dict[str, float]:
-        """Keep-alive load at each level; RSS per connection read while all of them are open. Each
-        run is longer by a second per thousand connections: wrk opens them all first (a full
-        handshake each on the middle hop), and that ramp is part of the run."""
+        """Keep-alive load at each level; RSS per connection read near the end of the run, when all
+        of them are open. wrk opens every connection first (a full handshake each on the middle hop,
+        a few hundred a second here): each run is longer by 4 ms per connection and waits up to
+        ``SCALING_TIMEOUT`` for a response, and that ramp is part of its figures."""
         s = self.settings
         if s.load != "tools":
             raise BenchError("scaling needs wrk (--load tools)")
@@ -289,8 +294,8 @@ class Bench:
             def probe(held: list[int] = held) -> None:
                 held.append(rss_kib(run.pids()))
 
-            http = self._wrk(ctx, run, n, s.duration + n / 1000, close=False, during=probe)
-            if http.errors > MAX_ERROR_FRACTION * max(1, http.requests):
+            http = self._wrk(ctx, run, n, s.duration + n / 250, close=False, during=probe, timeout=SCALING_TIMEOUT)
+            if http.requests == 0 or http.errors > MAX_ERROR_FRACTION * http.requests:
                 info["notes"].append(f"scaling, {n} connections: {http.errors} errors in {http.requests} requests")
                 continue
             out[f"sc_rate_{n}"] = http.rate
@@ -298,7 +303,7 @@ class Bench:
             out[f"sc_p99_ms_{n}"] = http.p99_ms
             if run.procs and held:
                 out[f"sc_kb_{n}"] = (held[0] - before) / n
-            time.sleep(s.settle + n / 5000)  # let the connections close
+            time.sleep(s.settle + n / 2000)  # let the connections close
         return out
 
 
