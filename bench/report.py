@@ -567,7 +567,7 @@ CHART_LABELS = {
     "ka_cpu": "CPU per\nrequest",
     "nc_cpu": "CPU per\nhandshake",
 }
-_COLORS = {"sidecar": "#d62728", "stunnel": "#7f7f7f", "haproxy": "#1f77b4", "nginx": "#2ca02c"}
+_COLORS = {"direct": "#000000", "sidecar": "#d62728", "stunnel": "#7f7f7f", "haproxy": "#1f77b4", "nginx": "#2ca02c"}
 
 
 # -- assembling and writing ----------------------------------------------------------------------
