@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-transparent test test-netns lint unit fuzz fuzz-smoke bench bench-transparent bench-deps profile soak test-compose clean
+.PHONY: venv demo demo-transparent test test-netns lint unit fuzz fuzz-smoke bench bench-transparent bench-deps profile soak test-compose compile uncompile test-compiled clean
 
 venv: $(STAMP)
 
@@ -74,8 +74,29 @@ SOAK_MINUTES ?= 30
 soak: venv
 	$(PY) -m bench soak --minutes $(SOAK_MINUTES)
 
+# The hot path compiled to C with mypyc (needs a C compiler and Python's headers); pure Python is
+# what runs without it. `make uncompile` goes back to pure Python.
+# identity.py stays Python: its frozen dataclasses travel to workers by pickle, which a compiled
+# frozen class refuses (and it runs once per connection, not per event).
+COMPILED := sidecar/relay.py sidecar/legs.py sidecar/tlsio.py
+
+compile: venv
+	$(VENV)/bin/mypyc $(COMPILED)
+	rm -rf build
+
+uncompile:
+	rm -f sidecar/*.so *__mypyc*.so
+	rm -rf build .mypyc
+
+# The tests of the compiled modules, run against the compiled build.
+test-compiled: compile
+	$(PY) -c "import sidecar.relay as m; assert m.__file__.endswith('.so'), m.__file__"
+	$(PY) -m pytest -p no:cacheprovider tests/unit/test_relay.py tests/integration/test_legs.py \
+		tests/integration/test_integrity.py tests/integration/test_limits.py tests/integration/test_workers.py; \
+		status=$$?; $(MAKE) uncompile; exit $$status
+
 test-compose: venv
 	bash scripts/compose-test.sh
 
-clean:
+clean: uncompile
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -18,7 +18,7 @@ from pathlib import Path
 from . import report, tools
 from .pairs import FORWARDING, PAIRS, Baseline
 from .procs import BenchError, Procs, sigterm_as_interrupt
-from .runner import WORKLOADS, Bench, Settings, require_tools
+from .runner import ALL_WORKLOADS, WORKLOADS, Bench, Settings, require_tools
 from .transparent import SidecarTransparent
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,10 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure our pair with client_cert_header: xfcc and with proxy_protocol: tls-full on its server "
         "side (pairs sidecar-xfcc, sidecar-proxy; keep-alive only), interleaved in the same run",
     )
-    p.add_argument(
-        "--workloads",
-        help=f"comma-separated subset of {','.join(WORKLOADS)} (default: all): more repetitions of fewer workloads",
-    )
     p.add_argument("--reps", type=int, help="repetitions (default 5; quick 1)")
     p.add_argument("--duration", type=float, help="seconds per workload (default 3; quick 0.3)")
     p.add_argument(
@@ -69,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrk + iperf3, or the pure-Python client (auto: tools, except python for --quick)",
     )
     p.add_argument("--no-resume", action="store_true", help="skip the peers' resumption-on variants")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start every pair anew for each workload (default: one pair per repetition, workloads in turn)",
+    )
+    p.add_argument(
+        "--workloads",
+        help=f"comma-separated subset of {','.join(ALL_WORKLOADS)} (default: all but scaling, which takes minutes)",
+    )
+    p.add_argument(
+        "--scaling",
+        metavar="N,N,...",
+        help="connections per level of the scaling workload (default 100,1000,5000,10000)",
+    )
     p.add_argument("--threads", type=int, help="wrk threads (default 1)")
     p.add_argument("--connections", type=int, help="keep-alive connections (default 32)")
     p.add_argument("--new-connections", type=int, help="concurrent connections for the new-connection load (16)")
@@ -161,7 +171,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if getattr(args, "baseline", None) and "sidecar" in pairs:
         at = pairs.index("sidecar") + 1
         pairs = (*pairs[:at], "baseline", *pairs[at:])
-    s = Settings(pairs=pairs, load=load, resume=not args.no_resume, quick=args.quick)
+    workloads = WORKLOADS
+    if getattr(args, "workloads", None):
+        workloads = tuple(x.strip() for x in args.workloads.split(",") if x.strip())
+        if unknown := [x for x in workloads if x not in ALL_WORKLOADS]:
+            raise BenchError(f"--workloads: unknown {', '.join(unknown)} (known: {', '.join(ALL_WORKLOADS)})")
+    s = Settings(
+        pairs=pairs,
+        load=load,
+        resume=not args.no_resume,
+        quick=args.quick,
+        fresh=getattr(args, "fresh", False),
+        workloads=workloads,
+    )
     if args.quick:
         s = replace(
             s,
@@ -185,11 +207,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "workers": args.workers,
     }
     s = replace(s, **{k: v for k, v in overrides.items() if v is not None})
-    if getattr(args, "workloads", None):
-        chosen = tuple(w.strip() for w in args.workloads.split(",") if w.strip())
-        if not chosen or any(w not in WORKLOADS for w in chosen):
-            raise BenchError(f"--workloads: expected a subset of {','.join(WORKLOADS)}, got {args.workloads!r}")
-        s = replace(s, workloads=chosen)
+    if getattr(args, "scaling", None):
+        try:
+            levels = tuple(int(x) for x in args.scaling.split(",") if x.strip())
+        except ValueError:
+            raise BenchError(f"--scaling: not a list of numbers: {args.scaling}") from None
+        if not levels or min(levels) < 1:
+            raise BenchError("--scaling: give one or more positive numbers of connections")
+        s = replace(s, scaling=levels)
     if s.reps < 1 or s.duration <= 0 or s.workers < 1:
         raise BenchError("--reps, --duration and --workers must be positive")
     return s

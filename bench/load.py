@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -34,9 +35,9 @@ done = function(summary, latency, requests)
   io.write(string.format(
     'BENCH {"requests": %.0f, "duration_us": %.0f, "bytes": %.0f, "connect_errors": %.0f, ' ..
     '"read_errors": %.0f, "write_errors": %.0f, "status_errors": %.0f, "timeouts": %.0f, ' ..
-    '"p50_us": %.0f, "p99_us": %.0f, "max_us": %.0f}\\n',
+    '"p50_us": %.0f, "p99_us": %.0f, "p999_us": %.0f, "max_us": %.0f}\\n',
     summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
-    e.timeout, latency:percentile(50), latency:percentile(99), latency.max))
+    e.timeout, latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.max))
 end
 """
 
@@ -48,6 +49,7 @@ class HTTPResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    p999_ms: float | None = None  # wrk's; the pure-Python client does not say
 
     @property
     def rate(self) -> float:
@@ -78,17 +80,34 @@ def wrk(
     close: bool,
     env: dict[str, str],
     headers: tuple[str, ...] = (),
+    during: Callable[[], None] | None = None,
+    during_at: float = 2 / 3,
+    timeout: float = 5.0,
 ) -> HTTPResult:
+    """wrk's figures; ``during`` (if given) is called once, ``during_at`` into the run (a share of
+    it), while the connections are open. A response slower than ``timeout`` counts as an error."""
     script = procs.tmp / "wrk-report.lua"
     if not script.exists():
         script.write_text(WRK_SCRIPT)
     argv = [wrk_path, "-t", str(max(1, min(threads, connections))), "-c", str(connections)]
-    argv += ["-d", f"{max(1, round(duration))}s", "--timeout", "5s", "-s", str(script)]
+    argv += ["-d", f"{max(1, round(duration))}s", "--timeout", f"{timeout:g}s", "-s", str(script)]
     for header in (*headers, *(("Connection: close",) if close else ())):
         argv += ["-H", header]
     argv.append(url)
-    code, out = procs.run("wrk", argv, timeout=duration + 60, env=env)
-    return parse_wrk(out, code)
+    if during is None:
+        code, out = procs.run("wrk", argv, timeout=duration + 60, env=env)
+        return parse_wrk(out, code)
+    proc = procs.start("wrk", argv, env=env)
+    try:
+        time.sleep(max(1, round(duration)) * during_at)
+        if proc.alive():
+            during()
+        code = proc.popen.wait(duration + 60)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"wrk did not finish within {duration + 60:.0f}s:\n{proc.tail()}") from None
+    finally:
+        procs.stop(proc)
+    return parse_wrk(proc.log_text(), code)
 
 
 def parse_wrk(out: str, code: int = 0) -> HTTPResult:
@@ -103,6 +122,7 @@ def parse_wrk(out: str, code: int = 0) -> HTTPResult:
         p50_ms=rec["p50_us"] / 1000,
         p99_ms=rec["p99_us"] / 1000,
         errors=errors,
+        p999_ms=rec["p999_us"] / 1000 if "p999_us" in rec else None,
     )
 
 

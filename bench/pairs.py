@@ -223,13 +223,16 @@ class Sidecar(Pair):
 
     def _run(self, ctx: Ctx, path: Path, cfg: dict[str, Any], name: str) -> Proc:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return ctx.procs.start(name, self.argv(path), env=self.env(ctx))
+        return ctx.procs.start(name, self.argv(path), env=self.env(ctx), cwd=self.cwd())
 
     def argv(self, config: Path) -> list[str]:
         return [sys.executable, "-m", "sidecar", "run", "-c", str(config)]
 
     def env(self, ctx: Ctx) -> dict[str, str]:
         return ctx.env
+
+    def cwd(self) -> Path | None:
+        return None  # the bench's: the working tree
 
 
 class SidecarHbone(Sidecar):
@@ -264,7 +267,15 @@ class Baseline(Sidecar):
         self.code = code
 
     def env(self, ctx: Ctx) -> dict[str, str]:
-        return {**ctx.env, "PYTHONPATH": str(self.code)}
+        return self.env_for(ctx.env)
+
+    def env_for(self, env: dict[str, str]) -> dict[str, str]:
+        return {**env, "PYTHONPATH": str(self.code)}
+
+    def cwd(self) -> Path | None:
+        # ``python -m`` puts its working directory first on the path, before PYTHONPATH: started
+        # from the repository, it would import the working tree's package, not this one
+        return self.code
 
 
 class SidecarXfcc(Sidecar):

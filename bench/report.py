@@ -37,6 +37,7 @@ METRICS = [
     Metric("ka_rate", "keep-alive", "req/s", True, True),
     Metric("ka_p50_ms", "keep-alive p50", "ms", False, True),
     Metric("ka_p99_ms", "keep-alive p99", "ms", False, True),
+    Metric("ka_p999_ms", "keep-alive p99.9", "ms", False, True),
     Metric("nc_rate", "new conns, full handshake", "conn/s", True, True),
     Metric("nc_p99_ms", "new conns p99", "ms", False, True),
     Metric("rs_nc_rate", "new conns, resumed", "conn/s", True, True),
@@ -49,7 +50,7 @@ METRICS = [
     Metric("rs_nc_cpu", "CPU resumed", "ms/conn", False),
 ]
 BY_KEY = {m.key: m for m in METRICS}
-PERFORMANCE = ["up_gbps", "down_gbps", "ka_rate", "ka_p50_ms", "ka_p99_ms", "nc_rate", "nc_p99_ms"]
+PERFORMANCE = ["up_gbps", "down_gbps", "ka_rate", "ka_p50_ms", "ka_p99_ms", "ka_p999_ms", "nc_rate", "nc_p99_ms"]
 PERFORMANCE += ["rs_nc_rate", "rs_nc_p99_ms", "idle_kb"]
 COST = ["up_cpu", "down_cpu", "ka_cpu", "nc_cpu", "rs_nc_cpu"]
 CHART_THROUGHPUT = ["up_gbps", "down_gbps", "ka_rate", "nc_rate", "rs_nc_rate"]
@@ -278,6 +279,76 @@ def metric_tables(results: dict[str, Any], *, spread: bool = True) -> list[str]:
     return lines
 
 
+SCALING_COLUMNS = (("sc_rate", "req/s"), ("sc_p50_ms", "p50 ms"), ("sc_p99_ms", "p99 ms"), ("sc_kb", "RSS KB/conn"))
+
+
+def scaling_levels(results: dict[str, Any]) -> list[int]:
+    keys = {k for p in results["summary"].values() for k in p if k.startswith("sc_rate_")}
+    return sorted(int(k.rsplit("_", 1)[1]) for k in keys)
+
+
+def scaling_table(results: dict[str, Any]) -> list[str]:
+    """Per pair and number of connections: medians, and the rate kept against the fewest connections."""
+    levels = scaling_levels(results)
+    rows = []
+    for pair, p in results["pairs"].items():
+        summary = p.get("summary", {})
+        first = summary.get(f"sc_rate_{levels[0]}", {}).get("median") if levels else None
+        for n in levels:
+            if f"sc_rate_{n}" not in summary:
+                continue
+            cells = [cell(summary.get(f"{key}_{n}")) for key, _ in SCALING_COLUMNS]
+            kept = f"{summary[f'sc_rate_{n}']['median'] / first:.2f}x" if first else "—"
+            rows.append([f"`{pair}`", f"{n:,}", *cells, kept])
+    header = ["pair", "connections", *(title for _, title in SCALING_COLUMNS), f"req/s ÷ at {levels[0]:,}"]
+    return _table(header, rows)
+
+
+def scaling_chart(results: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    levels = scaling_levels(results)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
+    fig.suptitle(f"Keep-alive load at growing numbers of connections: {results['date']} (medians; whiskers min-max)")
+    for ax, (key, title) in zip(axes, (SCALING_COLUMNS[0], SCALING_COLUMNS[2], SCALING_COLUMNS[3]), strict=True):
+        for pair, p in results["pairs"].items():
+            summary = p.get("summary", {})
+            xs = [n for n in levels if f"{key}_{n}" in summary]
+            if not xs:
+                continue
+            med = [summary[f"{key}_{n}"]["median"] for n in xs]
+            lo = [m - summary[f"{key}_{n}"]["min"] for m, n in zip(med, xs, strict=True)]
+            hi = [summary[f"{key}_{n}"]["max"] - m for m, n in zip(med, xs, strict=True)]
+            ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=pair, color=_COLORS.get(pair))
+        ax.set_xscale("log")
+        if key != "sc_rate":
+            ax.set_yscale("log")
+        ax.set_xlabel("concurrent keep-alive connections")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def sample_table(results: dict[str, Any]) -> list[str]:
+    rows = []
+    for pair, p in results["pairs"].items():
+        summary = p.get("summary", {})
+        for key in PERFORMANCE + COST:
+            if key in summary:
+                m = BY_KEY[key]
+                rows.append([f"`{pair}`", f"{m.title} {m.unit}", " ".join(fmt(v) for v in summary[key]["samples"])])
+    return _table(["pair", "metric", "samples"], rows)
+
+
 def ratio_tables(results: dict[str, Any]) -> list[str]:
     r = results["ratios"]
     lines = ["**Against `direct`** (median ÷ direct's median; throughput: higher is better, latency: lower):", ""]
@@ -323,7 +394,9 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
         f"backend), {m['memory_gib']} GiB, {m['os']}, Linux {m['kernel']}.",
         "",
         f"Method: {_n(s['reps'], 'repetition')}; in each, every pair in turn (order rotated per repetition), "
-        f"{s['duration']:g} s per workload{_workloads_text(s)}. Load: {_load_text(results)}. Medians with min-max. "
+        f"{s['duration']:g} s per workload{_workloads_text(s)}"
+        + (", each workload on a pair started for it alone" if s.get("fresh") else "")
+        + f". Load: {_load_text(results)}. Medians with min-max. "
         "Topology: load generator → client-side proxy (plain in, TLS 1.3 mTLS out) → server-side proxy "
         "(client certificate required and verified, plain out) → backend, all on 127.0.0.1, one EC P-256 CA. "
         + _workers_text(s.get("workers", 1))
@@ -353,6 +426,13 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
     if any(p.get("resume_status") == "n/a" for p in results["pairs"].values()):
         lines[-2:-1] = ["¹ this pair cannot resume sessions: every connection is a full handshake."]
     lines += ratio_tables(results)
+    if scaling_levels(results):
+        lines += ["", "**Scaling**: keep-alive load (wrk, one run per level) at growing numbers of connections:", ""]
+        if results.get("scaling_chart"):
+            lines += [f"![scaling]({results['scaling_chart']})", ""]
+        lines += scaling_table(results)
+    lines += ["", "**Every sample**, in the order taken (what a median hides shows here):", ""]
+    lines += sample_table(results)
     lines += ["", "**Checks before measuring, and the negotiated middle hop:**", ""]
     rows = []
     for pair, p in results["pairs"].items():
@@ -383,8 +463,10 @@ def markdown(results: dict[str, Any], chart: str | None) -> str:
     lines += [f"- {k}: {v}" for k, v in versions.items()]
     if results["failures"]:
         lines += ["", "**Failures:**", ""] + [f"- {f}" for f in results["failures"]]
-    if results["notes"]:
-        lines += ["", "**Notes:**", ""] + [f"- {n}" for n in results["notes"]]
+    notes = list(results["notes"])
+    notes += [f"`{pair}`: {n}" for pair, p in results["pairs"].items() for n in p.get("notes", [])]
+    if notes:
+        lines += ["", "**Notes:**", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
@@ -534,6 +616,7 @@ CHART_LABELS = {
     "nc_cpu": "CPU per\nhandshake",
 }
 _COLORS = {
+    "direct": "#000000",
     "sidecar": "#d62728",
     "sidecar-hbone": "#ff7f0e",
     "baseline": "#9467bd",
@@ -604,6 +687,11 @@ def write(results: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
         written.append(png)
     else:
         results["notes"].append("no chart: matplotlib is not installed (pip install -e '.[bench]')")
+    if scaling_levels(results):
+        scaling_png = out_dir / f"{stem}-scaling.png"
+        if scaling_chart(results, scaling_png):
+            written.append(scaling_png)
+            results["scaling_chart"] = scaling_png.name
     md = out_dir / f"{stem}.md"
     md.write_text(markdown(results, png.name if has_chart else None))
     js = out_dir / f"{stem}.json"

@@ -2,7 +2,10 @@
 checked, measured workload by workload, and stopped.
 
 A variant is a pair with client-side resumption off (all workloads) or on (new connections only:
-resumption changes nothing else). Samples land in ``samples[pair][metric]``, one value per
+resumption changes nothing else). With ``fresh`` every workload of a variant gets a pair started for
+it alone (checked the first time), so no workload runs on processes another one warmed: a state a
+process falls into (its heap, its caches) shows as a spread of samples instead of hiding in a
+median. Samples land in ``samples[pair][metric]``, one value per
 repetition; resumed-variant metrics carry the ``rs_`` prefix. CPU is the pair's processes'
 user + system time over the workload, divided by what the workload moved.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +27,10 @@ from .procs import BackgroundMeter, BenchError, Procs, cpu_seconds, raise_fd_lim
 from .tools import DEB_PACKAGES, Tools
 
 WORKLOADS = ("idle", "keepalive", "newconn", "bulk_up", "bulk_down")
+# Not in a default run (a few minutes per pair): keep-alive load at growing numbers of connections.
+ALL_WORKLOADS = (*WORKLOADS, "scaling")
+SCALING = (100, 1000, 5000, 10000)
+SCALING_TIMEOUT = 30.0  # seconds: a connection's first response waits for the pair's queue of handshakes
 MAX_ERROR_FRACTION = 0.01
 
 
@@ -43,8 +51,10 @@ class Settings:
     quick: bool = False
     workers: int = 1  # per proxy process (sidecar, nginx, HAProxy)
     settle: float = 0.3  # after a workload: let connections close and access records be written
-    workloads: tuple[str, ...] = WORKLOADS  # which to run (--workloads)
     idle_hold: float = 1.0  # how long idle connections are held before memory is read
+    fresh: bool = False  # a newly started pair for every workload, not one pair per repetition
+    workloads: tuple[str, ...] = WORKLOADS  # which to run (--workloads)
+    scaling: tuple[int, ...] = SCALING  # concurrent keep-alive connections, one wrk run each
 
 
 @dataclass(frozen=True)
@@ -84,8 +94,8 @@ class Bench:
             if not pair.available(self.tools):
                 self.info[name] = {"status": "skipped", "reason": f"{pair.tool} is not installed"}
                 continue
-            workloads = pair.workloads or (WORKLOADS if pair.proxied else WORKLOADS[1:])
-            workloads = tuple(w for w in workloads if w in self.settings.workloads)
+            applies = pair.workloads or tuple(w for w in ALL_WORKLOADS if pair.proxied or w != "idle")
+            workloads = tuple(w for w in self.settings.workloads if w in applies)
             if not workloads:
                 self.info[name] = {"status": "skipped", "reason": "none of --workloads applies to it"}
                 continue
@@ -123,7 +133,7 @@ class Bench:
         info = self.info.setdefault(v.key, {"status": "measured", "checks": [], "errors": [], "notes": []})
         if info["status"] == "failed":
             return
-        run: Running | None = None
+        runs: list[Running] = []
         try:
             if rep == 0 and v.pair.verbose_for_cipher:
                 # This proxy names the suite only at a costly log level: read it from a separate,
@@ -134,12 +144,16 @@ class Bench:
                 finally:
                     for proc in verbose.procs:
                         self.procs.stop(proc)
-            run = v.pair.start(ctx, resume=v.resume)
-            seen = checks.check(run, ctx.certs)
-            info["checks"].append(seen)
-            if seen.get("negotiated", {}).get("suite"):
-                info["negotiated"] = seen["negotiated"]
+            run: Running | None = None
             for workload in v.workloads:
+                if run is None:
+                    run = v.pair.start(ctx, resume=v.resume)
+                    runs.append(run)
+                    if len(info["checks"]) <= rep:  # once per repetition
+                        seen = checks.check(run, ctx.certs)
+                        info["checks"].append(seen)
+                        if seen.get("negotiated", {}).get("suite"):
+                            info["negotiated"] = seen["negotiated"]
                 meter = BackgroundMeter()
                 meter.start()
                 values = self.measure(ctx, run, workload, info)
@@ -153,6 +167,10 @@ class Bench:
                 _progress(rep, self.settings.reps, v.key, workload, values_shown)
                 if dead := run.dead():
                     raise BenchError("; ".join(dead))
+                if self.settings.fresh:
+                    runs.remove(run)
+                    self._stop(run)
+                    run = None
         except CheckFailed as exc:
             info["status"] = "failed"
             info["errors"].append(f"check: {exc}")
@@ -163,11 +181,14 @@ class Bench:
             self.failures.append(f"{v.key} (repetition {rep + 1}): {exc}")
             print(f"bench: {v.key}: {exc}", file=sys.stderr)
         finally:
-            if run is not None:
-                for proc in run.procs:
-                    self.procs.stop(proc)
-                if run.on_stop is not None:
-                    run.on_stop()
+            for started in runs:
+                self._stop(started)
+
+    def _stop(self, run: Running) -> None:
+        for proc in run.procs:
+            self.procs.stop(proc)
+        if run.on_stop is not None:
+            run.on_stop()
 
     def measure(self, ctx: Ctx, run: Running, workload: str, info: dict[str, Any]) -> dict[str, float]:
         """Run one workload against a started pair; its figures (and CPU of the pair's processes)."""
@@ -185,6 +206,8 @@ class Bench:
             if res.failed:
                 raise BenchError(f"{res.failed} of {s.idle_connections} idle connections failed")
             return {"idle_kb": res.kib_per_connection}
+        if workload == "scaling":
+            return self.scaling(ctx, run, info)
         offset = run.log_offset()
         cpu0 = cpu_seconds(pids)
         out: dict[str, float] = {}
@@ -192,16 +215,7 @@ class Bench:
             close = workload == "newconn"
             conns = s.nc_connections if close else s.ka_connections
             if tools_load:
-                http = load.wrk(
-                    self.procs,
-                    ctx.tools.path("wrk"),
-                    f"http://{run.url_host}:{run.http_port}/",
-                    threads=s.threads,
-                    connections=conns,
-                    duration=s.duration,
-                    close=close,
-                    env=ctx.env,
-                )
+                http = self._wrk(ctx, run, conns, s.duration, close=close)
             else:
                 http = load.py_http(run.http_port, connections=conns, duration=s.duration, close=close, host=run.host)
             cpu = cpu_seconds(pids) - cpu0
@@ -213,6 +227,8 @@ class Bench:
                 info["notes"].append(f"{workload}: {http.errors} errors in {http.requests} requests")
             p = "nc" if close else "ka"
             out = {f"{p}_rate": http.rate, f"{p}_p50_ms": http.p50_ms, f"{p}_p99_ms": http.p99_ms}
+            if http.p999_ms is not None:
+                out[f"{p}_p999_ms"] = http.p999_ms
             if run.procs:
                 out[f"{p}_cpu"] = cpu / http.requests * (1e3 if close else 1e6)  # ms per conn, µs per request
             if close and run.parse is not None:
@@ -240,6 +256,65 @@ class Bench:
             if run.procs and bulk.bytes:
                 out[f"{p}_cpu"] = cpu / (bulk.bytes / 1e9)
         time.sleep(s.settle)
+        return out
+
+    def _wrk(
+        self,
+        ctx: Ctx,
+        run: Running,
+        connections: int,
+        duration: float,
+        *,
+        close: bool,
+        during: Callable[[], None] | None = None,
+        timeout: float = 5.0,
+    ) -> load.HTTPResult:
+        return load.wrk(
+            self.procs,
+            ctx.tools.path("wrk"),
+            f"http://{run.url_host}:{run.http_port}/",
+            threads=self.settings.threads,
+            connections=connections,
+            duration=duration,
+            close=close,
+            env=ctx.env,
+            during=during,
+            during_at=0.9,
+            timeout=timeout,
+        )
+
+    def scaling_levels(self, ctx: Ctx) -> list[int]:
+        """The levels that fit: a proxy holds two sockets per proxied connection, and no process
+        here may open more than the hard limit of files (raising it needs a capability)."""
+        most = (ctx.fd_limit - 200) // 2
+        return sorted({min(n, most) for n in self.settings.scaling})
+
+    def scaling(self, ctx: Ctx, run: Running, info: dict[str, Any]) -> dict[str, float]:
+        """Keep-alive load at each level; RSS per connection read near the end of the run, when all
+        of them are open. wrk opens every connection first (a full handshake each on the middle hop,
+        a few hundred a second here): each run is longer by 4 ms per connection and waits up to
+        ``SCALING_TIMEOUT`` for a response, and that ramp is part of its figures."""
+        s = self.settings
+        if s.load != "tools":
+            raise BenchError("scaling needs wrk (--load tools)")
+        out: dict[str, float] = {}
+        for n in self.scaling_levels(ctx):
+            before = rss_kib(run.pids())
+            held: list[int] = []
+
+            def probe(held: list[int] = held) -> None:
+                held.append(rss_kib(run.pids()))
+
+            http = self._wrk(ctx, run, n, s.duration + n / 250, close=False, during=probe, timeout=SCALING_TIMEOUT)
+            if http.requests == 0 or http.errors > MAX_ERROR_FRACTION * http.requests:
+                info["notes"].append(f"scaling, {n} connections: {http.errors} errors in {http.requests} requests")
+                continue
+            out[f"sc_rate_{n}"] = http.rate
+            out[f"sc_p50_ms_{n}"] = http.p50_ms
+            out[f"sc_p99_ms_{n}"] = http.p99_ms
+            if run.procs and held:
+                out[f"sc_kb_{n}"] = (held[0] - before) / n
+            time.sleep(s.settle + n / 2000)  # let the connections close
         return out
 
 

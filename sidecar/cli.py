@@ -106,11 +106,12 @@ def _run(config_arg: str | None) -> int:
     import uvloop
 
     from . import config as config_mod
-    from . import logs
+    from . import heap, logs
     from .server import build
 
     cfg = config_mod.load(config_mod.resolve_path(config_arg))
     logs.setup(cfg.log.level, cfg.log.format)
+    heap.hold_steady()
 
     async def serve() -> None:
         await build(cfg).run()

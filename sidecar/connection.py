@@ -1,9 +1,11 @@
 """The driver of one proxied connection: it feeds the relay what its legs and timers report, and
 carries out the relay's actions (dial, arm a timer, stream, end our sending, close, count, finish).
 
-Every timer and task of a connection is owned here and gone when it closes: the handshake and idle
-timers, and the dial (cancelled while it is still connecting; a leg that connects after the end is
-aborted at once, since uvloop can hand it its transport before ``create_connection`` returns).
+Every timer and task of a connection is owned here and gone when it closes: the handshake timer, the
+idle deadline (checked by the listener's once-a-second ``tick``, not a timer per connection: an idle
+connection holds no timer handle), and the dial (cancelled while it is still connecting; a leg that
+connects after the end is aborted at once, since uvloop can hand it its transport before
+``create_connection`` returns).
 
 A policy with ``forwarding`` (``proxy_protocol``, ``client_cert_header``) has what the app is told
 of its caller made before the dial (a refusal if it cannot be: nothing is dialled); its preamble
@@ -90,8 +92,9 @@ class Connection:
 
     __slots__ = (
         "_dial_task",
+        "_handshake_timer",
+        "_idle_due",
         "_published",
-        "_timers",
         "destination",
         "down",
         "introduction",
@@ -115,7 +118,8 @@ class Connection:
         self.introduction: Introduction | None = None  # what the app is told of its caller
         self.down: Leg = self._leg(Side.DOWN)
         self.up: Leg | None = None
-        self._timers: dict[Timer, asyncio.TimerHandle] = {}
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._idle_due = 0.0  # loop time when the relay looks at the idle timeout again; 0: not armed
         self._dial_task: asyncio.Task[None] | None = None
         self._published = (0, 0)  # bytes each way already added to the metrics
 
@@ -134,6 +138,12 @@ class Connection:
     def cut(self, reason: str) -> None:
         """End now, aborting both legs (the drain's deadline)."""
         self._run(self.relay.cut(reason))
+
+    def tick(self, now: float) -> None:
+        """The listener's once-a-second look: the idle deadline, if it has passed."""
+        if self._idle_due and now >= self._idle_due:
+            self._idle_due = 0.0
+            self._fire(Timer.IDLE)
 
     def publish_bytes(self) -> None:
         """Add the bytes moved since the last call to the listener's byte counters."""
@@ -188,6 +198,7 @@ class Connection:
             elif isinstance(action, Close):
                 self._close(action.abort, action.reset)
             elif isinstance(action, Handshook):
+                self._disarm(Timer.HANDSHAKE)  # else it stays armed, and in memory, for handshake_timeout
                 self.listener.metrics.handshook(action.seconds, action.failure)
             elif isinstance(action, Finish):
                 up = self.up
@@ -209,13 +220,22 @@ class Connection:
     def _arm(self, timer: Timer, seconds: float) -> None:
         if not self.relay.open:
             return  # the connection ended while the actions that armed it ran
-        old = self._timers.pop(timer, None)
-        if old is not None:
-            old.cancel()
-        self._timers[timer] = self.loop.call_later(seconds, self._fire, timer)
+        self._disarm(timer)
+        if timer is Timer.IDLE:
+            self._idle_due = self.loop.time() + seconds
+        else:
+            self._handshake_timer = self.loop.call_later(seconds, self._fire, timer)
+
+    def _disarm(self, timer: Timer) -> None:
+        if timer is Timer.IDLE:
+            self._idle_due = 0.0
+        elif self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
 
     def _fire(self, timer: Timer) -> None:
-        self._timers.pop(timer, None)
+        if timer is Timer.HANDSHAKE:
+            self._handshake_timer = None
         moved = self.bytes_to_upstream + self.bytes_to_downstream
         self._run(self.relay.timed_out(timer, self.loop.time(), moved))
 
@@ -269,9 +289,8 @@ class Connection:
         self._maybe_ended()
 
     def _close(self, abort: frozenset[Side], reset: bool) -> None:
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        self._disarm(Timer.HANDSHAKE)
+        self._disarm(Timer.IDLE)
         up = self.up
         if self._dial_task is not None and (up is None or not up.connected):
             # uvloop can hand the leg its transport (and the handshake can even finish) before

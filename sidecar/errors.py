@@ -81,3 +81,7 @@ class HTTPRefusal(Refusal):
         self.status = status
         self.partial = partial
         self.forward = b""
+
+
+class RelayBug(RuntimeError):
+    """An event arrived that the relay's current state does not allow: a bug in its driver."""

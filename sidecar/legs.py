@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import threading
 from typing import Any, Protocol, cast
 
 from .errors import PeerError, TLSFailure
@@ -37,6 +38,25 @@ from .tlsio import Negotiated, TLSEngine
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 LINGER_SECONDS = 2.0
+READ_SIZE = 256 * 1024  # plaintext taken out of OpenSSL per call into the reused buffer
+SMALL_READ = 32 * 1024  # up to this much ciphertext, plaintext is read into a bytes object of its size
+
+
+class Scratch(threading.local):
+    """The buffer every TLS leg of a thread reads plaintext into. What a read produced is consumed
+    before the callback returns (written to the other leg), so one buffer serves every connection.
+    A transport that could not send all of it at once keeps a view of it: that buffer is then the
+    transport's (``lent``), and the thread takes a new one."""
+
+    def __init__(self) -> None:
+        self.plaintext = memoryview(bytearray(READ_SIZE))
+
+    def lent(self, view: memoryview) -> None:
+        if view.obj is self.plaintext.obj:
+            self.plaintext = memoryview(bytearray(READ_SIZE))
+
+
+SCRATCH = Scratch()
 
 
 class LegOwner(Protocol):
@@ -154,6 +174,8 @@ class Leg(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not self.lost and not self.write_eof:
             transport.write(data)
+            if type(data) is memoryview and transport.get_write_buffer_size():
+                SCRATCH.lent(data)  # the transport holds on to what it has not sent
 
     def send_eof(self) -> None:
         """End our sending on this leg (TCP FIN)."""
@@ -219,7 +241,7 @@ class Leg(asyncio.Protocol):
         else:
             if self._held is None:
                 self._held = []
-            self._held.append(data)
+            self._held.append(bytes(data))  # a view's buffer is reused
             self._update_reading()
 
     def _end_of_data(self) -> None:
@@ -249,6 +271,9 @@ class TLSLeg(Leg):
     """One TLS connection of a proxied pair: we are its server or its client."""
 
     __slots__ = ("_client", "after_read", "tls")
+    # large reads go into the thread's SCRATCH buffer, handed on as views that must be consumed
+    # (or lent) before data_received returns; a leg whose reader may keep them opts out
+    reads_into_scratch = True
 
     def __init__(self, owner: LegOwner, side: Side, tls: TLSEngine, *, client: bool) -> None:
         super().__init__(owner, side)
@@ -272,13 +297,21 @@ class TLSLeg(Leg):
             if not self.ready or self.lost or self._lingering:
                 return
         try:
-            plaintext = tls.read()
+            if tls.unread <= SMALL_READ or not self.reads_into_scratch:
+                if plaintext := tls.read():
+                    self._deliver(plaintext)
+            else:
+                while True:
+                    buffer = SCRATCH.plaintext
+                    n = tls.read_into(buffer)
+                    if n:
+                        self._deliver(buffer[:n])
+                    if n < len(buffer) or self.lost:
+                        break
         except TLSFailure as exc:
             self._send_output()
             self.owner.leg_failed(self, exc)
             return
-        if plaintext:
-            self._deliver(plaintext)
         if tls.peer_finished:
             self._send_output()
             self._end_of_data()

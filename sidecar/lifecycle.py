@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from abc import ABC, abstractmethod
@@ -63,6 +64,9 @@ class Role(ABC):
         except BaseException:
             await self.close()
             raise
+        # What start-up made (modules, classes, TLS material, listeners) lives as long as the
+        # process: out of the collector's sight, collections walk only what connections made.
+        gc.freeze()
         loop = asyncio.get_running_loop()
         with _signals(loop, self.request_stop, self.force_stop, self.request_reload, relayed=self.signals_relayed):
             await self._stop.wait()

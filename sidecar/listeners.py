@@ -104,6 +104,12 @@ class BaseListener:
         for conn in self.active:
             conn.publish_bytes()
 
+    def tick(self, now: float) -> None:
+        """Once a second: byte counters, and idle deadlines (a connection may end meanwhile)."""
+        for conn in list(self.active):
+            conn.publish_bytes()
+            conn.tick(now)
+
     def finished(self, conn: Connection, record: Record) -> None:
         """``conn`` has ended: count it, write its access record."""
         self.active.discard(conn)

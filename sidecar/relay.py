@@ -29,7 +29,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from .config import Address
-from .errors import PeerError, TLSFailure
+from .errors import PeerError, RelayBug, TLSFailure
 from .identity import PeerIdentity
 from .record import Direction, Outcome, Record
 from .tlsio import Negotiated
@@ -126,10 +126,6 @@ PLANS: dict[tuple[Side | None, Side | None], tuple[State, ...]] = {
 }
 
 
-class RelayBug(RuntimeError):
-    """An event arrived that the current state does not allow: a bug in the driver."""
-
-
 # -- actions: what the driver must do, in order ------------------------------------------------
 
 
@@ -170,7 +166,7 @@ class Close:
 @dataclass(frozen=True, slots=True)
 class Handshook:
     """A handshake ended: ``seconds`` when it completed, ``failure`` (a ``tlserrors`` reason) when
-    it failed or its result was refused as such (both may be set)."""
+    it failed or its result was refused as such (both may be set). Its timer is no longer needed."""
 
     seconds: float | None = None
     failure: str | None = None
@@ -243,7 +239,7 @@ class Relay:
         self.negotiated: Negotiated | None = None
         self.original_dst: str | None = None
         self.passthrough = False
-        self._eofs: set[Side] = set()
+        self._eofs: frozenset[Side] = frozenset()  # the empty one is shared: nothing per connection
         self._handshake_started = now
         self._moved = 0  # bytes moved both ways when the idle timer last looked
         self._active_at = now
@@ -315,7 +311,7 @@ class Relay:
 
     def eof(self, side: Side) -> list[Action]:
         """``side``'s far end finished sending; the legs pass it on themselves once streaming."""
-        self._eofs.add(side)
+        self._eofs |= {side}
         if self.streaming and len(self._eofs) == 2:
             return self._close(Event.EOF, Outcome.OK, None)  # both directions are done
         return self._go(Event.EOF, 0.0)
@@ -481,5 +477,6 @@ class Relay:
 
     def _idle_step(self, left: float) -> float:
         """The idle timer looks every quarter of ``idle_timeout`` (every second at least apart), and
-        at the deadline: a connection closes within 1.25 x ``idle_timeout`` of its last byte."""
+        at the deadline: a connection closes within 1.25 x ``idle_timeout`` of its last byte (plus
+        up to a second: the driver checks the deadlines once a second)."""
         return min(left, max(self.idle_timeout / 4, 1.0))

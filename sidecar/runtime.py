@@ -1,6 +1,6 @@
-"""The data plane of one process: its listeners, the connections open on them, the byte sampler
-and the drain. A single sidecar and each worker serve with one; a supervisor uses one only to bind
-the listening sockets its workers serve.
+"""The data plane of one process: its listeners, the connections open on them, the once-a-second
+tick (byte counters, idle deadlines) and the drain. A single sidecar and each worker serve with one;
+a supervisor uses one only to bind the listening sockets its workers serve.
 
 Drain order: stop accepting on every listener at once, let open connections finish for up to
 ``drain_timeout`` (or until ``force``), cut what is left and say how many were cut.
@@ -143,7 +143,9 @@ class Runtime:
             await self._closed.wait()
 
     async def _sample(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(SAMPLE_SECONDS)
+            now = loop.time()
             for listener in self.listeners:
-                listener.publish_bytes()
+                listener.tick(now)

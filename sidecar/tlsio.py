@@ -20,13 +20,12 @@ import functools
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from . import tlserrors
 from .errors import TLSFailure
 from .identity import PeerIdentity, from_peercert
 from .libssl import resume, verified_chain
-
-READ_SIZE = 256 * 1024  # plaintext taken out of OpenSSL per read call
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,29 +133,62 @@ class TLSEngine:
 
     # -- records ------------------------------------------------------------------------------
 
+    @property
+    def unread(self) -> int:
+        """Ciphertext fed and not yet read: the plaintext it holds is at most this long."""
+        return self._in.pending
+
     def read(self) -> bytes:
-        """All plaintext the fed ciphertext completes (``b""`` if none). Sets ``peer_finished`` on
-        close_notify. Raises ``TLSFailure``."""
-        obj, incoming = self._obj, self._in
+        """All plaintext the fed ciphertext completes (``b""`` if none), in a bytes object sized
+        to it: for small reads (see ``read_into``). Sets ``peer_finished`` on close_notify.
+        Raises ``TLSFailure``."""
         chunks: list[bytes] = []
+        incoming, obj = self._in, self._obj
         try:
-            while True:
-                chunk = obj.read(READ_SIZE)
-                if not chunk:  # close_notify (CPython returns b"" once we have sent ours too)
+            while size := incoming.pending + obj.pending():
+                chunk = obj.read(size)
+                if not chunk:  # close_notify (CPython raises SSLZeroReturnError once we have sent ours too)
                     self.peer_finished = True
                     break
                 chunks.append(chunk)
-                if not incoming.pending and not obj.pending():
-                    break  # all consumed: skip the read that would only raise SSLWantReadError
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLZeroReturnError:
-            self.peer_finished = True
         except ssl.SSLError as exc:
-            raise failure(exc) from None
+            self._stopped_reading(exc)
         if not chunks:
             return b""
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def read_into(self, buffer: memoryview) -> int:
+        """Plaintext the fed ciphertext completes, written into ``buffer``: how many bytes (0 if
+        none). Fewer than ``len(buffer)`` means all there was; as many means call again. Sets
+        ``peer_finished`` on close_notify. Raises ``TLSFailure``.
+
+        For large reads: a fresh buffer of a few hundred KiB per read made glibc grow and trim its
+        heap around every one; this allocates nothing. For a small read ``read`` is cheaper."""
+        obj, incoming = self._obj, self._in
+        read_into: Any = obj.read  # with a buffer it returns a count (typeshed says bytes)
+        got, size = 0, len(buffer)
+        try:
+            while got < size:
+                n: int = read_into(size - got, buffer[got:])
+                if not n:
+                    self.peer_finished = True
+                    break
+                got += n
+                if not incoming.pending and not obj.pending():
+                    break  # all consumed: skip the read that would only raise SSLWantReadError
+        except ssl.SSLError as exc:
+            self._stopped_reading(exc)
+        return got
+
+    def _stopped_reading(self, exc: ssl.SSLError) -> None:
+        """Why a read stopped: more ciphertext is needed, the peer sent close_notify (CPython
+        raises this once we have sent ours too), or a failure (raised as ``TLSFailure``)."""
+        if isinstance(exc, ssl.SSLWantReadError):
+            return
+        if isinstance(exc, ssl.SSLZeroReturnError):
+            self.peer_finished = True
+            return
+        raise failure(exc) from None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Encrypt ``data`` into ``output``. Raises ``TLSFailure``."""

@@ -18,7 +18,7 @@ import sys
 
 from prometheus_client import CollectorRegistry
 
-from . import logs
+from . import heap, logs
 from .control import Applied, Apply, Force, Ready, Start, Stop, encode, receive, receive_start
 from .errors import CertificateError
 from .lifecycle import Role
@@ -86,6 +86,7 @@ def main(argv: list[str]) -> int:
     channel = socket.socket(fileno=int(argv[0]))
     start = receive_start(channel)
     logs.setup(start.config.log.level, start.config.log.format, worker=start.index)
+    heap.hold_steady()
     # The supervisor decides when to stop: a Ctrl-C in a terminal reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -107,6 +107,8 @@ class StreamLeg(Leg):
         host, sid = self.host, self.stream_id
         if host is None or sid is None or self.lost or self.write_eof:
             return
+        if type(data) is memoryview:
+            data = bytes(data)  # a view of a TLS leg's reused buffer: the stream's queue may keep it
         if not host.send(sid, data):
             self.pause_writing()  # the stream's queue is full: the other leg stops reading
 

@@ -59,6 +59,7 @@ class TunnelLeg(TLSLeg):
     """The TLS connection under a tunnel: its plaintext goes to the tunnel, not to another leg."""
 
     __slots__ = ("tunnel",)
+    reads_into_scratch = False  # HTTP/2 framing may keep part of what it reads past the read
 
     def __init__(self, tunnel: Tunnel, engine: TLSEngine, *, client: bool) -> None:
         super().__init__(tunnel, Side.UP if client else Side.DOWN, engine, client=client)

@@ -286,3 +286,50 @@ def test_parse_server_logs() -> None:
         pairs.Handshake(None, None, True),
         pairs.Handshake("TLSv1.3", "TLS_AES_128_GCM_SHA256", True),
     ]
+
+
+def imported_from(env: dict[str, str], cwd: Path) -> Path:
+    """Where ``python -m``'s process started with this environment and folder imports sidecar from."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import sidecar; print(sidecar.__file__)"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.strip()
+    return Path(out).resolve()
+
+
+def test_baseline_pair_runs_the_exported_code_not_the_working_tree(tmp_path: Path) -> None:
+    # started from the repository (as `python -m bench` is), `python -m` would put the working tree
+    # first on the path: the baseline must import the package exported from git
+    from bench.cli import export_sidecar
+
+    code = export_sidecar("HEAD", tmp_path)
+    base = pairs.Baseline(code)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert imported_from(base.env_for(env), base.cwd() or ROOT).is_relative_to(code.resolve())
+    plain = pairs.Sidecar()
+    here = imported_from(env, plain.cwd() or ROOT)
+    assert here.is_relative_to(ROOT), here
+
+
+def test_fresh_mode_starts_a_pair_per_workload_and_shows_every_sample(tmp_path: Path) -> None:
+    args = ("--pairs", "sidecar", "--fresh", "--workloads", "bulk_up,bulk_down", "--reps", "2", "--keep-tmp")
+    proc = run_bench(tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text, data = results(tmp_path)
+    summary = data["pairs"]["sidecar"]["summary"]
+    assert set(summary) == {"up_gbps", "down_gbps", "up_cpu", "down_cpu"}, summary.keys()
+    assert len(summary["up_gbps"]["samples"]) == 2
+    assert "each workload on a pair started for it alone" in text
+    row = next(line for line in text.splitlines() if line.startswith("| `sidecar` | bulk → Gbit/s |"))
+    assert len(row.split("|")[3].split()) == 2, row  # both samples, not only their median
+    # a pair per workload and repetition: each started pair has its own folder of configurations
+    kept = Path(re.search(r"bench: kept (\S+)", proc.stderr)[1])  # type: ignore[index]
+    try:
+        assert len(list(kept.glob("sidecar-*/server.yaml"))) == 4
+    finally:
+        shutil.rmtree(kept, ignore_errors=True)
