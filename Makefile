@@ -92,7 +92,9 @@ uncompile:
 test-compiled: compile
 	$(PY) -c "import sidecar.relay as m; assert m.__file__.endswith('.so'), m.__file__"
 	$(PY) -m pytest -p no:cacheprovider tests/unit/test_relay.py tests/integration/test_legs.py \
-		tests/integration/test_integrity.py tests/integration/test_limits.py tests/integration/test_workers.py; \
+		tests/integration/test_integrity.py tests/integration/test_limits.py tests/integration/test_workers.py \
+		tests/integration/test_tunnels.py tests/integration/test_identity_forwarding.py \
+		tests/integration/test_rewriting_leg.py tests/integration/test_transparent.py; \
 		status=$$?; $(MAKE) uncompile; exit $$status
 
 test-compose: venv

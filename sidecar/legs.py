@@ -30,6 +30,8 @@ import struct
 import threading
 from typing import Any, Protocol, cast
 
+from mypy_extensions import mypyc_attr
+
 from .errors import PeerError, TLSFailure
 from .record import Outcome
 from .relay import Side
@@ -78,6 +80,7 @@ class LegOwner(Protocol):
     def leg_lost(self, leg: Leg, exc: Exception | None) -> None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the stream, rewriting and tunnel legs
 class Leg(asyncio.Protocol):
     """One plain TCP connection of a proxied pair."""
 
@@ -267,6 +270,7 @@ class Leg(asyncio.Protocol):
                 transport.resume_reading()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TLSLeg(Leg):
     """One TLS connection of a proxied pair: we are its server or its client."""
 
