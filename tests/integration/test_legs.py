@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import uvloop
 from prometheus_client import CollectorRegistry
-from support import CertFactory, CertFiles, client_context, server_context
+from support import CertFactory, CertFiles, client_context, server_context, tcp_pair
 
 from sidecar import legs as legs_mod
 from sidecar.config import Limits
@@ -295,18 +295,6 @@ class Rig:
         self.other.start_streaming(self.leg)
 
 
-async def _pair() -> tuple[socket.socket, socket.socket]:
-    loop = asyncio.get_running_loop()
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        server.setblocking(False)
-        client = socket.socket()
-        client.setblocking(False)
-        await loop.sock_connect(client, server.getsockname())
-        accepted, _ = await loop.sock_accept(server)
-    accepted.setblocking(False)
-    return accepted, client
-
-
 @dataclass
 class Certs:
     ca: CertFactory
@@ -325,7 +313,7 @@ async def make_rig(kind: str, certs: Certs) -> AsyncIterator[Rig]:
     ca, server_leaf, client_leaf = certs.ca, certs.server, certs.client
     loop = asyncio.get_running_loop()
     owner = Owner(loop)
-    mine, theirs = await _pair()
+    mine, theirs = await tcp_pair()
     leg: Leg
     far: PlainEnd
     if kind == "stream":
@@ -360,7 +348,7 @@ async def make_rig(kind: str, certs: Certs) -> AsyncIterator[Rig]:
         await asyncio.wait_for(far.start(), LIMIT)
     if kind.startswith("tls"):
         await owner.wait("secured", Side.DOWN)
-    other_mine, other_theirs = await _pair()
+    other_mine, other_theirs = await tcp_pair()
     other = Leg(owner, Side.UP)
     await loop.connect_accepted_socket(lambda: other, other_mine)
     try:
@@ -577,7 +565,7 @@ async def test_an_abort_closes_at_once_without_ending_cleanly(rig: Rig) -> None:
 
 async def _tls_leg(owner: Owner, engine: TLSEngine, *, client: bool) -> tuple[TLSLeg, socket.socket]:
     loop = asyncio.get_running_loop()
-    mine, theirs = await _pair()
+    mine, theirs = await tcp_pair()
     leg = TLSLeg(owner, Side.DOWN, engine, client=client)
     await loop.connect_accepted_socket(lambda: leg, mine)
     return leg, theirs
