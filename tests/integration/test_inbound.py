@@ -92,9 +92,11 @@ def _refusal_case(name: str, ca: CertFactory, rogue_ca: CertFactory) -> tuple[ss
     if name == "plaintext":
         return None, b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n", "protocol"
     if name == "garbage":
-        # random bytes, but never a plausible TLS record header (content types are 20-24): a random
-        # first byte of 0x16 made OpenSSL wait for the rest of a "record" until handshake_timeout
-        return None, b"\xff" + os.urandom(4095), "protocol"
+        # random bytes behind a header OpenSSL can never take for a record it should wait for: a
+        # random 0x16 first byte, or any type with 0x03 next (a TLS version) and a length over
+        # what was sent, made it wait for the rest until handshake_timeout; 0xff 0xff 0xff is
+        # neither a TLS version nor an SSLv2 ClientHello, so it is refused at once, every time
+        return None, b"\xff\xff\xff" + os.urandom(4093), "protocol"
     raise AssertionError(name)
 
 
