@@ -61,20 +61,20 @@ def synthetic(fds: list[int], rss_kib: list[int], fds_after: int | None = None) 
 
 
 def test_the_verdict_passes_a_process_that_settles() -> None:
-    warmup = [40_000 + 1000 * i for i in range(30)]  # +30 MiB of warm-up, then a level with noise
-    level = [70_000 + (300 if i % 2 else -300) for i in range(30)]
-    results = soakreport.build(synthetic([120 + i % 5 for i in range(60)], warmup + level))
+    warmup = [40_000 + 500 * i for i in range(60)]  # +30 MiB of warm-up, then a level with noise
+    level = [70_000 + (300 if i % 2 else -300) for i in range(60)]
+    results = soakreport.build(synthetic([120 + i % 5 for i in range(120)], warmup + level))
     assert results["passed"], results["failures"]
 
 
 def test_the_verdict_fails_a_leak_of_memory_or_descriptors() -> None:
-    steady_fds = [120 + i % 5 for i in range(60)]
-    rss_leak = [60_000 + 400 * i for i in range(60)]  # 400 KiB every 5 s: ~12 MiB over the second half
+    steady_fds = [120 + i % 5 for i in range(120)]
+    rss_leak = [60_000 + 200 * i for i in range(120)]  # 200 KiB every 5 s: ~12 MiB over the second half
     results = soakreport.build(synthetic(steady_fds, rss_leak))
     assert not results["passed"]
     assert results["failures"] == [results["failures"][0]] and "client rss_kib" in results["failures"][0]
-    fd_leak = [120 + i for i in range(60)]  # one socket every 5 s
-    results = soakreport.build(synthetic(fd_leak, [60_000] * 60))
+    fd_leak = [120 + i // 2 for i in range(120)]  # one socket every 10 s
+    results = soakreport.build(synthetic(fd_leak, [60_000] * 120))
     assert any("client fds" in f for f in results["failures"]), results["failures"]
-    results = soakreport.build(synthetic(steady_fds, [60_000] * 60, fds_after=40))  # 20 left open at rest
+    results = soakreport.build(synthetic(steady_fds, [60_000] * 120, fds_after=40))  # 20 left open at rest
     assert any("at rest" in f for f in results["failures"]), results["failures"]
