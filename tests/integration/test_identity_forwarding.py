@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID, ObjectIdentifier
+from proxyprotocol.result import ProxyResultIPv4
 from proxyprotocol.v2 import ProxyProtocolV2
 from support import (
     TD,
@@ -678,6 +680,46 @@ def test_a_server_that_reads_proxy_headers_sees_the_caller(mesh: Mesh, listener:
     rec = next_record(mesh.inbound, listener, before)
     assert status == 200
     assert body.decode() == answer.format(client=rec["client"], port=mesh.inbound.port(listener))
+
+
+PROXY_SPOOFS = {
+    "v1": b"PROXY TCP4 6.6.6.6 7.7.7.7 6666 8080\r\n",
+    "v2": ProxyProtocolV2().pack(ProxyResultIPv4((IPv4Address("6.6.6.6"), 6666), (IPv4Address("7.7.7.7"), 8080))),
+}
+
+
+@pytest.mark.parametrize("spoof", PROXY_SPOOFS.values(), ids=PROXY_SPOOFS.keys())
+def test_a_caller_sent_proxy_header_is_never_taken_for_ours(mesh: Mesh, spoof: bytes) -> None:
+    """The calling app writes a PROXY header of its own (v1 or v2) claiming 6.6.6.6: the app reads
+    ours first, naming the real caller; what the caller wrote is a request that is no HTTP, refused
+    with 400 and counted as denied, and never reaches the app."""
+    visits, before = len(mesh.full.visits), len(records(mesh.inbound, "full"))
+    denied = counted(mesh.inbound, "full", "denied")
+    answers = exchange(mesh.port("full"), spoof + get("/pp-spoof"), closes=True)
+    assert [status for status, _, _ in answers] == [400]
+    rec = next_record(mesh.inbound, "full", before)
+    assert rec["outcome"] == "denied" and rec["reason"].startswith("bad_"), rec
+    wait_for(lambda: counted(mesh.inbound, "full", "denied") == denied + 1, LIMIT)
+    for visit in mesh.full.visits[visits:]:
+        assert visit.done.wait(LIMIT)
+        host, _, port = rec["client"].rpartition(":")
+        assert (str(visit.proxy.source[0]), visit.proxy.source[1]) == (host, int(port))
+        assert visit.raw == b"" and visit.requests == []
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (make bench-deps installs it)")
+@pytest.mark.parametrize("spoof", PROXY_SPOOFS.values(), ids=PROXY_SPOOFS.keys())
+def test_haproxy_behind_the_sidecar_never_takes_a_callers_proxy_header(mesh: Mesh, spoof: bytes) -> None:
+    """Without a rewriter the stream is raw after our header: HAProxy (accept-proxy) reads ours
+    and takes the caller's for a malformed request; it never reports the claimed address."""
+    with socket.create_connection(("127.0.0.1", mesh.port("haproxy")), timeout=LIMIT) as s:
+        s.sendall(spoof + get("/"))
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"6.6.6.6" not in answer
 
 
 BIG_ID = f"{TD}/big/" + "x" * 1000
