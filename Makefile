@@ -40,7 +40,7 @@ unit: venv
 # Fuzzing (atheris): each target for FUZZ_SECONDS; a crash stops the run, lands in fuzz/crashes/
 # and becomes a case in tests/unit/fuzz_cases/. fuzz-smoke is the short pass CI runs.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := config patterns spiffe pin http1
+FUZZ_TARGETS := config patterns spiffe pin proxy http1
 
 fuzz: venv
 	@for t in $(FUZZ_TARGETS); do \

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-NAMES = ("config", "patterns", "spiffe", "pin", "http1")  # targets.TARGETS, and fuzz_http1 (its own module)
+NAMES = ("config", "patterns", "spiffe", "pin", "proxy", "http1")  # targets.TARGETS, and fuzz_http1 (its own module)
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
         target = fuzz_http1.test_one_input
     else:
         # Coverage guidance for our code and for the YAML parser the config target drives.
-        with atheris.instrument_imports(include=["sidecar", "yaml", "fuzz"]):
+        with atheris.instrument_imports(include=["sidecar", "yaml", "fuzz", "proxyprotocol"]):
             from fuzz import targets
         target = targets.TARGETS[args.target]
     seeds = sorted(str(path) for path in (HERE / "seeds" / args.target).iterdir() if path.is_file())

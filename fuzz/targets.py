@@ -9,20 +9,26 @@
   ``PeerIdentity`` sorts the URI the same way.
 - ``pin``: the DER reader of ``sidecar.pinning`` gives a pin or ``ValueError`` for any bytes, and
   for any certificate ``cryptography`` reads, the pin of the same public key.
+- ``proxy``: the PROXY v2 header built from any facts (addresses of either family or mixed,
+  IPv4-mapped, any ports, SNI, CN, certificate and SPIFFE ID of any size) in any mode is
+  ``ProxyHeaderError`` exactly when it would pass 65535 bytes, and otherwise reads back, field for
+  field, with the independent ``proxy-protocol`` package.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from proxyprotocol.v2 import ProxyProtocolV2
 
-from sidecar import config, pinning, spiffeid
-from sidecar.errors import SidecarError
+from sidecar import config, pinning, proxy_protocol, spiffeid
+from sidecar.errors import ProxyHeaderError, SidecarError
 from sidecar.identity import PeerIdentity, Verdict, decide, parse_pattern
 
 from . import spiffe_reference
@@ -117,9 +123,91 @@ def fuzz_pin(data: bytes) -> None:
     assert pin == base64.b64encode(hashlib.sha256(spki).digest()).decode(), "pin differs from cryptography's SPKI"
 
 
+def _address(raw: bytes, family: int) -> str:
+    """An address of the family the input picks: IPv4, IPv6, or IPv4-mapped IPv6."""
+    if family == 0:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    if family == 1:
+        return str(ipaddress.IPv6Address(raw[:16]))
+    return str(ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + raw[:4]))
+
+
+def fuzz_proxy(data: bytes) -> None:
+    head = data[:48].ljust(48, b"\0")
+    modes = list(proxy_protocol.Mode)
+    mode = modes[head[0] % len(modes)]
+    flags = head[1]
+    source = (_address(head[8:24], flags % 3), int.from_bytes(head[4:6], "big"))
+    destination = (_address(head[24:40], (flags >> 2) % 3), int.from_bytes(head[6:8], "big"))
+    sni, cn, spiffe_id, der = (data[48:].split(b"\0", 3) + [b""] * 4)[:4]
+    der *= 1 + head[2]  # a certificate past 65535 bytes is a few bytes of input away
+    tls = bool(flags & 0x40)
+    facts = proxy_protocol.Facts(
+        source,
+        destination,
+        tls_version="TLSv1.3" if tls else None,
+        sni=sni.decode("utf-8", "replace") if flags & 0x80 else None,
+        peer_cert_der=der if tls and head[3] & 1 else None,
+        peer_cn=cn.decode("utf-8", "replace") if head[3] & 2 else None,
+        peer_spiffe_id=spiffe_id.decode("utf-8", "replace") if head[3] & 4 else None,
+    )
+    with_tls = mode is not proxy_protocol.Mode.CONN and tls
+    full = with_tls and mode is proxy_protocol.Mode.TLS_FULL and facts.peer_cert_der is not None
+    length = _expected_length(facts, with_tls, full)
+    try:
+        header = proxy_protocol.build_header(mode, facts)
+    except ProxyHeaderError as exc:
+        one_line(str(exc))
+        assert length > 65535, f"refused a header of {length} bytes"
+        return
+    assert length <= 65535, f"built a header of {length} bytes"
+    assert int.from_bytes(header[14:16], "big") == len(header) - 16 == length
+    result = ProxyProtocolV2().unpack(header)
+    for ours, theirs in ((source, result.source), (destination, result.dest)):
+        assert ipaddress.ip_address(theirs[0]) in _same(ours[0]) and theirs[1] == ours[1], (ours, theirs)
+    assert (result.tlv.ssl is not None and result.tlv.ssl.version == "TLSv1.3") == with_tls
+    if with_tls:
+        assert result.tlv.authority == facts.sni
+    if full:
+        assert result.tlv.ssl[0x28] == der and result.tlv.ssl.cn == facts.peer_cn
+        spiffe = result.tlv.get(0xE0)
+        assert (spiffe.decode() if spiffe is not None else None) == facts.peer_spiffe_id
+    else:
+        assert result.tlv.get(0xE0) is None and (result.tlv.ssl is None or result.tlv.ssl.cn is None)
+
+
+def _expected_length(facts: proxy_protocol.Facts, with_tls: bool, full: bool) -> int:
+    """What follows the 16-byte head, counted from the specification's layout (2.2)."""
+    ips = [ipaddress.ip_address(a) for a in (facts.source[0], facts.destination[0])]
+    both_v4 = all(isinstance(ip, ipaddress.IPv4Address) for ip in ips)
+    both_mapped = all(isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped for ip in ips)
+    length = 12 if both_v4 or both_mapped else 36  # two IPv4-mapped addresses travel as IPv4
+    if not with_tls:
+        return length
+    tlv = 3  # type and 16-bit length
+    length += (tlv + len(facts.sni.encode())) if facts.sni is not None else 0
+    length += tlv + 5 + tlv + len(b"TLSv1.3")  # PP2_TYPE_SSL: client, verify, the version sub-TLV
+    if full:
+        assert facts.peer_cert_der is not None
+        length += (tlv + len(facts.peer_cn.encode())) if facts.peer_cn is not None else 0
+        length += tlv + len(facts.peer_cert_der)
+        length += (tlv + len(facts.peer_spiffe_id.encode())) if facts.peer_spiffe_id is not None else 0
+    return length
+
+
+def _same(text: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """An address and its other spelling: a pair of IPv4-mapped addresses travels as IPv4, and an
+    IPv4 address beside an IPv6 one travels IPv4-mapped."""
+    ip = ipaddress.ip_address(text)
+    if isinstance(ip, ipaddress.IPv4Address):
+        return {ip, ipaddress.IPv6Address(f"::ffff:{ip}")}
+    return {ip} if ip.ipv4_mapped is None else {ip, ip.ipv4_mapped}
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "config": fuzz_config,
     "patterns": fuzz_patterns,
     "spiffe": fuzz_spiffe,
     "pin": fuzz_pin,
+    "proxy": fuzz_proxy,
 }
