@@ -1,6 +1,7 @@
 """The few OpenSSL calls Python's ``ssl`` module does not make, or makes at a cost, through ctypes:
-offering a session without copying it, sharing ticket keys (``tickets.py``), and reading the chain
-OpenSSL verified for the peer (Python 3.11 shows only the peer's leaf).
+holding a client's session and offering it without Python's copies, sharing ticket keys
+(``tickets.py``), and reading the chain OpenSSL verified for the peer (Python 3.11 shows only the
+peer's leaf).
 
 The calls go into the very libssl the ``_ssl`` module uses (dlsym on its handle searches its
 dependencies), and reach the ``SSL_CTX``, ``SSL`` and ``SSL_SESSION`` behind a Python object by
@@ -39,6 +40,10 @@ def _load() -> ctypes.CDLL | None:
             "SSL_is_server": (ctypes.c_int, [ctypes.c_void_p]),
             "SSL_in_before": (ctypes.c_int, [ctypes.c_void_p]),
             "SSL_set_session": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p]),
+            "SSL_get_session": (ctypes.c_void_p, [ctypes.c_void_p]),
+            "SSL_SESSION_dup": (ctypes.c_void_p, [ctypes.c_void_p]),
+            "SSL_SESSION_free": (None, [ctypes.c_void_p]),
+            "SSL_SESSION_has_ticket": (ctypes.c_int, [ctypes.c_void_p]),
             "SSL_SESSION_get_time": (ctypes.c_long, [ctypes.c_void_p]),
             "SSL_SESSION_get_timeout": (ctypes.c_long, [ctypes.c_void_p]),
             "SSL_SESSION_get_protocol_version": (ctypes.c_int, [ctypes.c_void_p]),
@@ -75,24 +80,70 @@ def context_pointer(ctx: ssl.SSLContext) -> int | None:
     return pointer
 
 
-def resume(sslobj: ssl.SSLObject, ctx: ssl.SSLContext, session: ssl.SSLSession) -> bool:
+class HeldSession:
+    """A client's resumable TLS 1.3 session with its ticket, in a copy of our own
+    (``SSL_SESSION_dup``), freed when this object goes. Never read through Python's
+    ``SSLObject.session``: on CPython 3.11 and 3.12 that getter copies the session and loses the
+    copy (python/cpython#116810), about 6 KiB each (the peer's chain), a leak per read. A copy
+    of our own also stays resumable when the connection it came from ends without close_notify."""
+
+    __slots__ = ("context", "pointer", "time", "timeout")
+    has_ticket = True  # held only once the ticket arrived
+
+    def __init__(self, pointer: int, context: ssl.SSLContext) -> None:
+        assert lib is not None
+        self.pointer = pointer
+        self.context = context  # the context it was made under, the only one it is offered on
+        self.time = int(lib.SSL_SESSION_get_time(pointer))
+        self.timeout = int(lib.SSL_SESSION_get_timeout(pointer))
+
+    def __del__(self) -> None:
+        if lib is not None and self.pointer:
+            lib.SSL_SESSION_free(self.pointer)
+            self.pointer = 0
+
+
+def hold_session(sslobj: ssl.SSLObject, ctx: ssl.SSLContext) -> tuple[bool, HeldSession | None]:
+    """(whether the ``SSL`` of client ``sslobj`` was reachable, its session once the ticket
+    arrived). Unreachable: the caller reads ``sslobj.session`` (Python's way)."""
+    ssl_pointer = _ssl_pointer(sslobj, ctx)
+    if ssl_pointer is None or lib is None or lib.SSL_is_server(ssl_pointer):
+        return False, None
+    current = lib.SSL_get_session(ssl_pointer)  # borrowed
+    if not current or lib.SSL_SESSION_has_ticket(current) != 1:
+        return True, None
+    if lib.SSL_SESSION_get_protocol_version(current) != _TLS1_3_VERSION or lib.SSL_SESSION_is_resumable(current) != 1:
+        return True, None
+    copy = lib.SSL_SESSION_dup(current)
+    return True, (HeldSession(copy, ctx) if copy else None)
+
+
+def resume(sslobj: ssl.SSLObject, ctx: ssl.SSLContext, session: ssl.SSLSession | HeldSession) -> bool:
     """Offer ``session`` on a client ``sslobj`` of ``ctx`` that has not started its handshake.
 
     Python's own ``SSLObject.session = s`` copies the session first (CPython serialises it and
     parses it back, peer certificate chain included: about 0.1 ms of CPU on every connection, for
     a workaround of OpenSSL 1.1.0). OpenSSL 1.1.1 and later copy a session themselves before they
     change it, so one session can be offered on any number of connections. Returns
-    False when the pointers do not check out; the caller then sets ``sslobj.session``.
+    False when the pointers do not check out; the caller then sets ``sslobj.session`` (a Python
+    session) or resumes nothing (a held one).
     """
     ssl_pointer = _ssl_pointer(sslobj, ctx)
-    if ssl_pointer is None or lib is None or type(session) is not _ssl.SSLSession:
+    if ssl_pointer is None or lib is None:
         return False
-    if _field(session, _POINTER) != id(ctx):  # the session's own context (after its SSL_SESSION *)
+    if isinstance(session, HeldSession):
+        if session.context is not ctx or not session.pointer:
+            return False
+        session_pointer: int | None = session.pointer
+    elif type(session) is _ssl.SSLSession and _field(session, _POINTER) == id(ctx):  # its context
+        session_pointer = _session_pointer(session)
+    else:
         return False
     if lib.SSL_is_server(ssl_pointer) or not lib.SSL_in_before(ssl_pointer):
         return False
-    session_pointer = _session_pointer(session)
-    return session_pointer is not None and lib.SSL_set_session(ssl_pointer, session_pointer) == 1
+    if session_pointer is None or lib.SSL_SESSION_is_resumable(session_pointer) != 1:
+        return False
+    return bool(lib.SSL_set_session(ssl_pointer, session_pointer) == 1)
 
 
 MAX_CHAIN = 16  # longer verified chains than this are not read (OpenSSL's default depth is 100; ours are 2-4)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssl
 import time
 
-from .tlsio import TLSEngine
+from .tlsio import Session, TLSEngine
 
 SESSION_REFRESH_SECONDS = 60.0
 
@@ -24,9 +24,9 @@ class SessionCache:
     def __init__(self, lifetime: float) -> None:
         self.lifetime = lifetime
         self._ctx: ssl.SSLContext | None = None
-        self._session: ssl.SSLSession | None = None
+        self._session: Session | None = None
 
-    def get(self, ctx: ssl.SSLContext) -> ssl.SSLSession | None:
+    def get(self, ctx: ssl.SSLContext) -> Session | None:
         session = self._session
         if session is None or self._ctx is not ctx:
             return None

@@ -25,7 +25,7 @@ from typing import Any
 from . import tlserrors
 from .errors import TLSFailure
 from .identity import PeerIdentity, from_peercert
-from .libssl import resume, verified_chain
+from .libssl import HeldSession, hold_session, resume, verified_chain
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,8 @@ class Negotiated:
     trust_problem: str | None = None  # why the material's trust domains refuse the peer (``vet``)
     alpn: str | None = None  # the application protocol both sides agreed on (ALPN), if any
 
+
+Session = ssl.SSLSession | HeldSession  # a client session to offer: Python's, or held through libssl
 
 # the material's check after a handshake: (peer, verified chain or None, resumed) -> refusal or None
 Vet = Callable[[PeerIdentity, Sequence[bytes] | None, bool], str | None]
@@ -56,7 +58,7 @@ class TLSEngine:
         *,
         server_side: bool,
         server_hostname: str | None = None,
-        session: ssl.SSLSession | None = None,
+        session: Session | None = None,
         vet: Vet | None = None,
     ) -> None:
         self.context = ctx
@@ -64,7 +66,7 @@ class TLSEngine:
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
-        if session is not None and not resume(self._obj, ctx, session):
+        if session is not None and not resume(self._obj, ctx, session) and isinstance(session, ssl.SSLSession):
             self._obj.session = session  # Python's way: the same, with a copy of the session
         self.established = False  # the handshake completed
         self.peer_finished = False  # the peer sent close_notify
@@ -127,9 +129,12 @@ class TLSEngine:
         name: str | None = self._obj.__dict__.get(_SNI)
         return name
 
-    def session(self) -> ssl.SSLSession | None:
-        """The session to resume a later connection with (a client's, once its ticket arrived)."""
-        return self._obj.session
+    def session(self) -> Session | None:
+        """The session to resume a later connection with (a client's, once its ticket arrived):
+        held through libssl; Python's ``SSLObject.session`` only where libssl is out of reach (on
+        CPython 3.11 and 3.12 each read of it leaks a copy of the session: call it sparingly)."""
+        reachable, held = hold_session(self._obj, self.context)
+        return held if reachable else self._obj.session
 
     # -- records ------------------------------------------------------------------------------
 
