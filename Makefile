@@ -70,9 +70,10 @@ profile: venv
 # A soak through our sidecar pair: churn, keep-alive, bulk, idle and a certificate rotation every
 # minute; fails on any failed connection or unbounded growth (bench/soakreport.py).
 SOAK_MINUTES ?= 30
+SOAK_OUT ?= bench/results
 
 soak: venv
-	$(PY) -m bench soak --minutes $(SOAK_MINUTES)
+	$(PY) -m bench soak --minutes $(SOAK_MINUTES) --out $(SOAK_OUT)
 
 # The hot path compiled to C with mypyc (needs a C compiler and Python's headers); pure Python is
 # what runs without it. `make uncompile` goes back to pure Python.
