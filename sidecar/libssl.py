@@ -202,8 +202,8 @@ def _ssl_pointer(sslobj: ssl.SSLObject, ctx: ssl.SSLContext) -> int | None:
 
 
 def _session_pointer(session: ssl.SSLSession) -> int | None:
-    """The ``SSL_SESSION *`` of ``session``, when it is a resumable TLS 1.3 session and OpenSSL
-    reports the time, timeout and id Python reports for it."""
+    """The ``SSL_SESSION *`` of ``session``, when it is a TLS 1.3 session and OpenSSL reports the
+    time, timeout and id Python reports for it (``resume`` checks that it is still resumable)."""
     assert lib is not None
     pointer = _field(session)
     if not pointer or lib.SSL_SESSION_get_time(pointer) != session.time:
@@ -214,6 +214,4 @@ def _session_pointer(session: ssl.SSLSession) -> int | None:
     id_pointer = lib.SSL_SESSION_get_id(pointer, ctypes.byref(length))
     if not id_pointer or ctypes.string_at(id_pointer, length.value) != session.id:
         return None
-    if lib.SSL_SESSION_get_protocol_version(pointer) != _TLS1_3_VERSION:
-        return None
-    return pointer if lib.SSL_SESSION_is_resumable(pointer) == 1 else None
+    return pointer if lib.SSL_SESSION_get_protocol_version(pointer) == _TLS1_3_VERSION else None

@@ -1,9 +1,9 @@
 """sidecar.libssl: a session offered without CPython's copy really resumes, still carries both
 identities, and is refused wherever Python's own setter would refuse it (or OpenSSL no longer
 counts the session resumable); a held session resumes, outlives its connection and leaks nothing
-where Python's getter leaks a copy per read; the verified chain read is the chain OpenSSL verified, on both
-sides, and nothing where there is none or the pointers do not check out. Handshakes run in memory
-over ``ssl.MemoryBIO``."""
+where Python's getter leaks a copy per read; the verified chain read is the chain OpenSSL
+verified, on both sides, and nothing where there is none or the pointers do not check out.
+Handshakes run in memory over ``ssl.MemoryBIO``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import ctypes
 import gc
 import ssl
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -145,7 +146,9 @@ def test_no_verified_chain_after_resumption_or_for_another_context(
     assert verified_chain(link.server, server) is None and verified_chain(link.client, client) is None
 
 
-def test_a_held_session_resumes_and_outlives_its_connection(contexts: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+def test_a_held_session_resumes_and_outlives_its_connection(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], ca: CertFactory, client_leaf: CertFiles
+) -> None:
     server, client = contexts
     first = MemoryLink(client, server)
     assert hold_session(first.client, client) == (True, None)  # no ticket before the handshake
@@ -161,15 +164,8 @@ def test_a_held_session_resumes_and_outlives_its_connection(contexts: tuple[ssl.
         assert resume(link.client, client, held)
         link.handshake()
         assert link.client.session_reused and link.server.session_reused
-    other = _other_client()
+    other = _context(ssl.PROTOCOL_TLS_CLIENT, client_leaf, ca)
     assert not resume(other.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO()), other, held)  # only on its context
-
-
-def _other_client() -> ssl.SSLContext:
-    other = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    other.minimum_version = ssl.TLSVersion.TLSv1_3
-    other.check_hostname = False
-    return other
 
 
 class _MallInfo2(ctypes.Structure):
@@ -210,7 +206,7 @@ def test_holding_sessions_leaks_nothing(contexts: tuple[ssl.SSLContext, ssl.SSLC
     link = MemoryLink(client, server)
     link.handshake()
 
-    def growth(read: Any) -> int:
+    def growth(read: Callable[[], object]) -> int:
         for _ in range(50):
             read()
         gc.collect()
